@@ -1,0 +1,687 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// The life of one proxied request, top to bottom:
+//
+//  1. serveProxy gives it a request ID and a status-recording writer, and
+//     defers finish, which writes the one log line and the metrics.
+//  2. It waits for a concurrency slot (max_connections).
+//  3. readBody reads the whole body into memory, bounded by max_body_bytes
+//     and by the shared body budget, so that a retry can replay it.
+//  4. stripHopByHop removes hop-by-hop and forwarding headers from the
+//     client's request, before ReverseProxy sees it.
+//  5. ReverseProxy calls rewrite (upstream URL, raw query, injected
+//     headers), then retryTransport (phase-2 timeouts retried), then
+//     modifyResponse (idle timer on the body) or proxyError (the one place
+//     that turns a failure into a JSON error).
+//  6. The body streams through recorder, flushed after every write.
+
+// exchange is the per-request state shared by the ReverseProxy hooks. It is
+// reached through the request context; everything in it is touched only by
+// the request's own handler goroutine, except cancel, which is safe to call
+// from any goroutine.
+type exchange struct {
+	id         string                  // "req_" + 32 hex digits
+	client     context.Context         // the client connection's context
+	ctx        context.Context         // the upstream request's context
+	cancel     context.CancelCauseFunc // cancels ctx, with a cause
+	attempts   int                     // upstream attempts made
+	upstreamID string                  // upstream "request-id" response header
+	err        error                   // what failed, for the log line
+}
+
+type exchangeKey struct{}
+
+func exchangeFrom(ctx context.Context) *exchange {
+	x, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return x
+}
+
+// errIdleTimeout is the cancellation cause when a response body stays silent
+// for timeout_secs (SPEC: phase 3, reset by every chunk).
+var errIdleTimeout = errors.New("upstream stream idle timeout")
+
+// errClientGone marks requests whose client left before they were proxied.
+var errClientGone = errors.New("client went away")
+
+// serveProxy handles every request that is not a local endpoint.
+func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
+	x := &exchange{id: newRequestID(), client: r.Context()}
+	rec := &recorder{ResponseWriter: w}
+	start := time.Now()
+	defer s.finish(x, rec, r, start)
+
+	// Take a slot before reading the body (SPEC: Concurrency). A client that
+	// gives up while waiting is dropped without a response.
+	select {
+	case s.slots <- struct{}{}:
+		defer func() { <-s.slots }()
+	case <-r.Context().Done():
+		x.err = errClientGone
+		return
+	}
+
+	body, release, err := s.readBody(w, r)
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		switch {
+		case errors.As(err, &tooLarge):
+			s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest,
+				"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes", err)
+		case isClientGone(r.Context(), err):
+			x.err = err
+		default:
+			s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest, "cannot read request body: "+err.Error(), err)
+		}
+		return
+	}
+	defer release()
+
+	stripHopByHop(r.Header)
+
+	ctx, cancel := context.WithCancelCause(r.Context())
+	defer cancel(nil)
+	x.ctx, x.cancel = ctx, cancel
+	out := r.WithContext(context.WithValue(ctx, exchangeKey{}, x))
+	out.ContentLength = int64(len(body))
+	out.TransferEncoding = nil
+	if len(body) == 0 {
+		out.Body = http.NoBody
+		out.GetBody = nil
+	} else {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	s.proxy.ServeHTTP(rec, out)
+}
+
+// finish records the request once, whatever happened: one log line, the
+// request metrics, and the status. It runs deferred, so it also sees the
+// http.ErrAbortHandler panic with which ReverseProxy leaves a stream that
+// failed after its headers were sent; that panic is passed on so net/http
+// aborts the client connection.
+func (s *server) finish(x *exchange, rec *recorder, r *http.Request, start time.Time) {
+	p := recover()
+	if p != nil && p != http.ErrAbortHandler {
+		// A bug, not a fault of the peers: keep the process up, answer 500
+		// if nothing was sent yet, and never print a stack trace.
+		x.err = errors.New("internal error: " + panicString(p))
+		if rec.status == 0 {
+			s.writeError(rec, x, http.StatusInternalServerError, "internal proxy error")
+		} else {
+			p = http.ErrAbortHandler
+		}
+	}
+	if x.err == nil && rec.writeErr != nil {
+		x.err = rec.writeErr
+	}
+
+	status := rec.status
+	gone := x.err != nil && x.client.Err() != nil
+	switch {
+	case gone || x.err == errClientGone:
+		status = 499 // client closed request; never counted as an error
+	case status == 0:
+		status = http.StatusOK // ReverseProxy always writes a header; kept total
+	}
+	d := time.Since(start)
+	s.metrics.observe(r.Method, status, d)
+
+	level := slog.LevelInfo
+	if x.err != nil && !gone && x.err != errClientGone {
+		level = slog.LevelWarn
+	}
+	if s.log.Enabled(context.Background(), level) {
+		attrs := make([]slog.Attr, 0, 8)
+		attrs = append(attrs,
+			slog.String("request_id", x.id),
+			slog.String("method", r.Method),
+			slog.String("path", r.URL.Path),
+			slog.Int("status", status),
+			slog.Float64("duration_ms", float64(d.Microseconds())/1000),
+		)
+		if x.upstreamID != "" {
+			attrs = append(attrs, slog.String("upstream_request_id", x.upstreamID))
+		}
+		if x.attempts > 0 {
+			attrs = append(attrs, slog.Int("attempts", x.attempts))
+		}
+		if x.err != nil {
+			attrs = append(attrs, slog.String("error", x.err.Error()))
+		}
+		s.log.LogAttrs(context.Background(), level, "request", attrs...)
+	}
+	if p != nil {
+		panic(p)
+	}
+}
+
+func panicString(p any) string {
+	switch v := p.(type) {
+	case error:
+		return v.Error()
+	case string:
+		return v
+	}
+	return "panic"
+}
+
+// isClientGone reports whether err while reading the request body means the
+// client disconnected (rather than sent something malformed).
+func isClientGone(ctx context.Context, err error) bool {
+	if ctx.Err() != nil || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne)
+}
+
+// readBody reads the request body into memory so that every attempt can
+// send the same bytes. It reserves room in the shared body budget first:
+// the declared Content-Length, or max_body_bytes for a chunked body (the
+// unused part is returned once the body is read). release returns the
+// reservation and must be called once the request is done.
+func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, release func(), err error) {
+	noop := func() {}
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil, noop, nil
+	}
+	limit := s.cfg.MaxBodyBytes
+	if r.ContentLength > limit {
+		// Refused before a byte is read, so the client is never sent
+		// 100 Continue and the upstream is never contacted.
+		return nil, noop, &http.MaxBytesError{Limit: limit}
+	}
+	reserve := r.ContentLength
+	if reserve < 0 {
+		reserve = limit
+	}
+	if err := s.budget.acquire(r.Context(), reserve); err != nil {
+		return nil, noop, err
+	}
+	rd := http.MaxBytesReader(w, r.Body, limit)
+	if r.ContentLength >= 0 {
+		body = make([]byte, r.ContentLength)
+		_, err = io.ReadFull(rd, body)
+	} else {
+		body, err = io.ReadAll(rd)
+		if err == nil {
+			s.budget.release(reserve - int64(len(body)))
+			reserve = int64(len(body))
+		}
+	}
+	if err != nil {
+		s.budget.release(reserve)
+		return nil, noop, err
+	}
+	return body, func() { s.budget.release(reserve) }, nil
+}
+
+// hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
+// non-standard Proxy-Connection. They describe one connection and are never
+// forwarded.
+var hopHeaders = [...]string{
+	"Connection",
+	"Proxy-Connection",
+	"Keep-Alive",
+	"Proxy-Authenticate",
+	"Proxy-Authorization",
+	"Te",
+	"Trailer",
+	"Transfer-Encoding",
+	"Upgrade",
+}
+
+// stripHopByHop removes from a client's request header everything that must
+// not reach the upstream: headers named in Connection (except Authorization,
+// which always passes through), the hop-by-hop headers, client-sent
+// Forwarded and X-Forwarded-*, and Expect (net/http already answered it with
+// 100 Continue when the body was read; forwarding it could earn the client
+// a second one). Done before ReverseProxy runs, so that it has nothing left
+// to strip and re-adds neither "Te: trailers" nor an Upgrade.
+func stripHopByHop(h http.Header) {
+	for _, v := range h["Connection"] {
+		for token := range strings.SplitSeq(v, ",") {
+			token = textproto.TrimString(token)
+			if token != "" && !strings.EqualFold(token, "Authorization") {
+				h.Del(token)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		delete(h, k)
+	}
+	delete(h, "Forwarded")
+	delete(h, "Expect")
+	for k := range h {
+		if strings.HasPrefix(k, "X-Forwarded-") {
+			delete(h, k)
+		}
+	}
+}
+
+// rewrite is ReverseProxy's Rewrite hook: it points the outgoing request at
+// the upstream and applies the configured headers.
+func (s *server) rewrite(pr *httputil.ProxyRequest) {
+	// SetURL joins the upstream path with the request's escaped path and
+	// clears Out.Host, so Host becomes the upstream host. The client can
+	// only ever change the path: "//evil.example/x" stays a path.
+	pr.SetURL(s.cfg.Upstream)
+	// ReverseProxy drops query parameters it cannot parse ("c=%zz",
+	// "a=1;b=2"); the upstream gets the query exactly as sent.
+	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
+	// ReverseProxy re-adds these for trailers and upgrades; stripHopByHop
+	// already removed their cause, this keeps the rule literal.
+	delete(pr.Out.Header, "Te")
+	delete(pr.Out.Header, "Upgrade")
+	delete(pr.Out.Header, "Connection")
+	for i := range s.rules {
+		s.rules[i].apply(pr.Out.Header)
+	}
+}
+
+// headerRule is a HeaderRule prepared for the hot path.
+type headerRule struct {
+	key    string // canonical header key
+	mode   HeaderMode
+	value  string   // for append: the configured value as one line
+	values []string // for set: []string{value}, shared and never appended to in place
+	tokens []string // for append: the configured tokens
+}
+
+func newHeaderRules(rules []HeaderRule) []headerRule {
+	out := make([]headerRule, 0, len(rules))
+	for _, r := range rules {
+		hr := headerRule{key: http.CanonicalHeaderKey(r.Name), mode: r.Mode, value: r.Value}
+		hr.values = []string{r.Value}[:1:1]
+		for t := range strings.SplitSeq(r.Value, ",") {
+			if t = textproto.TrimString(t); t != "" {
+				hr.tokens = append(hr.tokens, t)
+			}
+		}
+		out = append(out, hr)
+	}
+	return out
+}
+
+// apply changes h according to the rule's mode.
+func (hr *headerRule) apply(h http.Header) {
+	switch hr.mode {
+	case HeaderSet:
+		h[hr.key] = hr.values
+	case HeaderRemove:
+		delete(h, hr.key)
+	case HeaderAppend:
+		h[hr.key] = appendTokens(h[hr.key], hr.value, hr.tokens)
+	}
+}
+
+// appendTokens merges a comma-separated list header: the client's lines
+// joined into one, in order, followed by each configured token the client
+// did not send (compared case-insensitively). The client's own text is kept
+// as it was written.
+func appendTokens(client []string, value string, tokens []string) []string {
+	line := ""
+	for _, v := range client {
+		if strings.Trim(v, " \t,") == "" {
+			continue
+		}
+		if line != "" {
+			line += ","
+		}
+		line += v
+	}
+	if line == "" {
+		return []string{value}
+	}
+	missing := false
+	for _, t := range tokens {
+		if !hasToken(line, t) {
+			line += "," + t
+			missing = true
+		}
+	}
+	if !missing && len(client) == 1 {
+		return client
+	}
+	return []string{line}
+}
+
+// hasToken reports whether the comma-separated list contains token,
+// ignoring case and the spaces around list elements.
+func hasToken(list, token string) bool {
+	for t := range strings.SplitSeq(list, ",") {
+		if strings.EqualFold(textproto.TrimString(t), token) {
+			return true
+		}
+	}
+	return false
+}
+
+// modifyResponse is ReverseProxy's ModifyResponse hook. It notes the
+// upstream's request-id and puts the idle timer on the response body.
+func (s *server) modifyResponse(res *http.Response) error {
+	x := exchangeFrom(res.Request.Context())
+	if x == nil {
+		return nil
+	}
+	x.upstreamID = res.Header.Get("Request-Id")
+	if res.Body != nil && res.Body != http.NoBody {
+		res.Body = newIdleBody(res.Body, x, s.cfg.Timeout)
+	}
+	return nil
+}
+
+// idleBody cancels the upstream request when no byte arrives for timeout
+// (SPEC: phase 3). Each Read that returns data restarts the timer, so a
+// stream that keeps sending may last for hours.
+type idleBody struct {
+	rc      io.ReadCloser
+	x       *exchange
+	timer   *time.Timer
+	timeout time.Duration
+}
+
+func newIdleBody(rc io.ReadCloser, x *exchange, timeout time.Duration) *idleBody {
+	b := &idleBody{rc: rc, x: x, timeout: timeout}
+	b.timer = time.AfterFunc(timeout, b.expire)
+	return b
+}
+
+func (b *idleBody) expire() { b.x.cancel(errIdleTimeout) }
+
+// Read passes data through. A failure is noted on the exchange for the log
+// line and reported to ReverseProxy as context.Canceled, which makes it
+// abort the client connection without logging a second, unrelated line.
+func (b *idleBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if n > 0 {
+		b.timer.Reset(b.timeout)
+	}
+	if err != nil && err != io.EOF {
+		b.timer.Stop()
+		switch {
+		case b.x.client.Err() != nil:
+			b.x.err = errClientGone
+		case context.Cause(b.x.ctx) == errIdleTimeout:
+			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
+		default:
+			b.x.err = errors.New("upstream stream failed: " + err.Error())
+		}
+		return n, context.Canceled
+	}
+	return n, err
+}
+
+func (b *idleBody) Close() error {
+	b.timer.Stop()
+	return b.rc.Close()
+}
+
+// proxyError is ReverseProxy's ErrorHandler: every failure before the
+// response headers ends here. It is the one place that classifies errors.
+func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	x := exchangeFrom(r.Context())
+	if x.client.Err() != nil {
+		x.err = errClientGone // nothing is written to a gone client
+		return
+	}
+	if isHeaderTimeout(err) {
+		msg := "upstream response timeout after " + formatSeconds(s.cfg.Timeout) +
+			" (" + strconv.Itoa(x.attempts) + " attempts)"
+		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, err)
+		return
+	}
+	msg := "upstream connection failed: " + err.Error()
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		msg = "upstream closed the connection before sending response headers"
+	}
+	s.failRequest(w, x, http.StatusBadGateway, errConnection, msg, err)
+}
+
+// failRequest answers with a proxy error and counts it.
+func (s *server) failRequest(w http.ResponseWriter, x *exchange, status int, kind errorType, msg string, err error) {
+	x.err = err
+	s.metrics.upstreamError(kind)
+	s.writeError(w, x, status, msg)
+}
+
+// writeError writes the JSON error shape of SPEC.md.
+func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg string) {
+	type detail struct {
+		Type      string `json:"type"`
+		Message   string `json:"message"`
+		RequestID string `json:"request_id"`
+	}
+	body, _ := json.Marshal(struct {
+		Error detail `json:"error"`
+	}{detail{"proxy_error", msg, x.id}})
+	body = append(body, '\n')
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	if status == http.StatusGatewayTimeout {
+		// The proxy already retried; tell the Anthropic SDKs and Claude
+		// Code not to multiply the attempts.
+		h.Set("X-Should-Retry", "false")
+	}
+	w.WriteHeader(status)
+	w.Write(body)
+}
+
+// isHeaderTimeout reports whether err is the transport's "timeout awaiting
+// response headers" (SPEC: phase 2, the only retried failure), as opposed
+// to a dial or TLS handshake timeout, which are connection failures. Both
+// the HTTP/1 and the HTTP/2 transport report it with this text; a test
+// drives both so a change in net/http cannot go unnoticed.
+func isHeaderTimeout(err error) bool {
+	var te interface{ Timeout() bool }
+	if !errors.As(err, &te) || !te.Timeout() {
+		return false
+	}
+	return strings.HasSuffix(err.Error(), "timeout awaiting response headers")
+}
+
+// formatSeconds prints d as "60s" for whole seconds.
+func formatSeconds(d time.Duration) string {
+	if d%time.Second == 0 {
+		return strconv.FormatInt(int64(d/time.Second), 10) + "s"
+	}
+	return d.String()
+}
+
+// retryTransport retries a request whose upstream accepted it but sent no
+// response headers within timeout_secs: attempts in all, pause apart, the
+// same body each time (SPEC: Retries). Nothing else is retried.
+type retryTransport struct {
+	next     http.RoundTripper
+	attempts int           // 3: the first try and 2 retries
+	pause    time.Duration // 100 ms between attempts
+}
+
+func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	x := exchangeFrom(req.Context())
+	for n := 1; ; n++ {
+		if x != nil {
+			x.attempts = n
+		}
+		res, err := t.next.RoundTrip(req)
+		if err == nil || n >= t.attempts || !isHeaderTimeout(err) {
+			return res, err
+		}
+		pause := time.NewTimer(t.pause)
+		select {
+		case <-pause.C:
+		case <-req.Context().Done():
+			pause.Stop()
+			return nil, err
+		}
+		if req.GetBody != nil {
+			body, gerr := req.GetBody()
+			if gerr != nil {
+				return nil, gerr
+			}
+			retry := *req
+			retry.Body = body
+			req = &retry
+		}
+	}
+}
+
+// recorder remembers the status and any write error for the log line and
+// the metrics. It passes everything else through; Unwrap lets
+// http.ResponseController (which ReverseProxy uses to flush after every
+// write) reach the real writer, so streams are never batched.
+type recorder struct {
+	http.ResponseWriter
+	status   int
+	writeErr error
+}
+
+func (w *recorder) WriteHeader(code int) {
+	if code == http.StatusContinue {
+		// net/http already sent the client its one 100 Continue when the
+		// body was read; one the upstream sends is not passed on.
+		return
+	}
+	if code >= 100 && code < 200 {
+		w.ResponseWriter.WriteHeader(code)
+		return
+	}
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *recorder) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	if err != nil && w.writeErr == nil {
+		w.writeErr = err
+	}
+	return n, err
+}
+
+func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// newRequestID returns "req_" and 128 random bits in lowercase hex.
+func newRequestID() string {
+	var raw [16]byte
+	rand.Read(raw[:]) // never fails (crypto/rand)
+	var id [4 + 32]byte
+	copy(id[:], "req_")
+	hex.Encode(id[4:], raw[:])
+	return string(id[:])
+}
+
+// copyBufferSize is the size of the pooled buffers that response bodies
+// stream through. Every open stream holds one for its whole life.
+const copyBufferSize = 32 << 10
+
+// bufferPool is ReverseProxy's BufferPool. It stores array pointers, so
+// Put does not allocate.
+type bufferPool struct{ p sync.Pool }
+
+func (bp *bufferPool) Get() []byte {
+	if b, ok := bp.p.Get().(*[copyBufferSize]byte); ok {
+		return b[:]
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (bp *bufferPool) Put(b []byte) {
+	if len(b) == copyBufferSize {
+		bp.p.Put((*[copyBufferSize]byte)(b))
+	}
+}
+
+// bodyBudget bounds the memory held by buffered request bodies across all
+// requests (SPEC: Memory, 64 MiB). A request that does not fit waits, first
+// come first served; a waiter holds nothing, so waiting cannot deadlock.
+type bodyBudget struct {
+	mu      sync.Mutex
+	free    int64
+	waiters []*budgetWaiter
+}
+
+type budgetWaiter struct {
+	n     int64
+	ready chan struct{} // closed once n bytes are reserved for the waiter
+}
+
+func newBodyBudget(size int64) *bodyBudget { return &bodyBudget{free: size} }
+
+// acquire reserves n bytes, waiting until they are free or ctx is done.
+func (b *bodyBudget) acquire(ctx context.Context, n int64) error {
+	b.mu.Lock()
+	if len(b.waiters) == 0 && b.free >= n {
+		b.free -= n
+		b.mu.Unlock()
+		return nil
+	}
+	w := &budgetWaiter{n: n, ready: make(chan struct{})}
+	b.waiters = append(b.waiters, w)
+	b.mu.Unlock()
+
+	select {
+	case <-w.ready:
+		return nil
+	case <-ctx.Done():
+	}
+	b.mu.Lock()
+	select {
+	case <-w.ready: // granted meanwhile: give it back
+		b.free += n
+	default:
+		for i, o := range b.waiters {
+			if o == w {
+				b.waiters = append(b.waiters[:i], b.waiters[i+1:]...)
+				break
+			}
+		}
+	}
+	b.grantLocked()
+	b.mu.Unlock()
+	return ctx.Err()
+}
+
+// release returns n reserved bytes and wakes the waiters that now fit.
+func (b *bodyBudget) release(n int64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.free += n
+	b.grantLocked()
+	b.mu.Unlock()
+}
+
+func (b *bodyBudget) grantLocked() {
+	for len(b.waiters) > 0 && b.waiters[0].n <= b.free {
+		w := b.waiters[0]
+		b.waiters = b.waiters[1:]
+		b.free -= w.n
+		close(w.ready)
+	}
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"time"
+)
+
+// tuning holds the fixed numbers of SPEC.md that are not in the config
+// file. Tests shorten them; production uses defaultTuning.
+type tuning struct {
+	connectTimeout time.Duration // TCP connect to the upstream
+	tlsTimeout     time.Duration // TLS handshake with the upstream
+	attempts       int           // upstream attempts for a phase-2 timeout
+	retryPause     time.Duration // pause between those attempts
+	drainTimeout   time.Duration // how long shutdown waits for in-flight requests
+	bodyBudget     int64         // bytes of request bodies buffered at once
+}
+
+// defaultTuning is SPEC.md's: 5 s connect plus 5 s TLS handshake, 3
+// attempts 100 ms apart, a 5 s drain (the pod's 10 s grace period less the
+// 3 s preStop sleep, with margin), and a 64 MiB body budget (half the pod's
+// 128 MiB memory limit).
+var defaultTuning = tuning{
+	connectTimeout: 5 * time.Second,
+	tlsTimeout:     5 * time.Second,
+	attempts:       3,
+	retryPause:     100 * time.Millisecond,
+	drainTimeout:   5 * time.Second,
+	bodyBudget:     64 << 20,
+}
+
+// server holds everything a request needs. It is the process's only state.
+type server struct {
+	cfg       *Config
+	log       *slog.Logger
+	metrics   *metrics
+	health    http.Handler
+	transport *http.Transport // upstream connections; tests may adjust TLSClientConfig
+	proxy     *httputil.ReverseProxy
+	rules     []headerRule
+	slots     chan struct{} // one token per proxied request in flight
+	budget    *bodyBudget
+}
+
+func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
+	s := &server{
+		cfg:     cfg,
+		log:     log,
+		metrics: newMetrics(),
+		rules:   newHeaderRules(cfg.Headers),
+		slots:   make(chan struct{}, cfg.MaxConnections),
+		budget:  newBodyBudget(tun.bodyBudget),
+	}
+	s.health = healthHandler(s.metrics, time.Now())
+	s.transport = newTransport(cfg, tun)
+	s.proxy = &httputil.ReverseProxy{
+		Rewrite:        s.rewrite,
+		Transport:      &retryTransport{next: s.transport, attempts: tun.attempts, pause: tun.retryPause},
+		FlushInterval:  -1, // flush after every write: SSE events must not wait
+		BufferPool:     &bufferPool{},
+		ModifyResponse: s.modifyResponse,
+		ErrorHandler:   s.proxyError,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	return s
+}
+
+// newTransport returns the upstream transport: HTTP/2 to HTTPS upstreams
+// when offered (with pings to detect dead connections), idle connections
+// kept for reuse, no compression of its own, and the first two timeout
+// phases of SPEC.md. There is no overall deadline: streams may last hours.
+func newTransport(cfg *Config, tun tuning) *http.Transport {
+	dialer := &net.Dialer{
+		Timeout:   tun.connectTimeout,
+		KeepAlive: 30 * time.Second, // TCP keepalives find dead HTTP/1.1 peers
+	}
+	return &http.Transport{
+		Proxy:                  http.ProxyFromEnvironment,
+		DialContext:            dialer.DialContext,
+		TLSHandshakeTimeout:    tun.tlsTimeout,
+		ResponseHeaderTimeout:  cfg.Timeout,
+		ForceAttemptHTTP2:      true,
+		DisableCompression:     true, // no Accept-Encoding added; bytes pass as sent
+		MaxIdleConnsPerHost:    cfg.MaxConnections,
+		IdleConnTimeout:        90 * time.Second,
+		MaxResponseHeaderBytes: 1 << 20, // 1 MiB of response headers is plenty
+		HTTP2: &http.HTTP2Config{
+			SendPingTimeout: 15 * time.Second, // ping a connection silent this long
+			PingTimeout:     15 * time.Second, // and drop it if the ping goes unanswered
+		},
+	}
+}
+
+// ServeHTTP routes: GET and HEAD of exactly /health and /metrics are
+// answered here, outside the concurrency limit; everything else, any other
+// method or spelling included, is proxied as sent. No ServeMux: it would
+// clean paths and redirect.
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if (r.Method == http.MethodGet || r.Method == http.MethodHead) && r.URL.RawPath == "" {
+		switch r.URL.Path {
+		case "/health":
+			s.health.ServeHTTP(w, r)
+			return
+		case "/metrics":
+			s.metrics.ServeHTTP(w, r)
+			return
+		}
+	}
+	s.serveProxy(w, r)
+}
+
+// httpServer returns the listener-side settings of SPEC.md.
+func (s *server) httpServer() *http.Server {
+	return &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 10 * time.Second,  // slowloris
+		IdleTimeout:       120 * time.Second, // idle keep-alive client connections
+		MaxHeaderBytes:    64 << 10,          // larger request headers get 431
+		// No ReadTimeout or WriteTimeout: they would cut long streams.
+		ErrorLog:                     slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		DisableGeneralOptionsHandler: true, // "OPTIONS *" is proxied too
+	}
+}
