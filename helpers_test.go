@@ -17,8 +17,8 @@ import (
 
 // testTuning keeps SPEC.md's numbers except those a test would wait for.
 var testTuning = tuning{
-	connectTimeout: 500 * time.Millisecond,
-	tlsTimeout:     500 * time.Millisecond,
+	connectTimeout: 2 * time.Second,
+	tlsTimeout:     2 * time.Second,
 	attempts:       3,
 	retryPause:     100 * time.Millisecond,
 	drainTimeout:   2 * time.Second,

@@ -312,6 +312,7 @@ func TestLocalRoutes(t *testing.T) {
 			t.Errorf("%s %s: status %d, proxied %v; want 200, proxied %v", tt.method, tt.path, res.StatusCode, proxied, tt.proxied)
 		}
 	}
+	p.logs.waitRequests(t, 6) // each is counted when its handler returns
 	m := metricsText(t, p)
 	if got := metricValue(m, `proxy_requests_total{status="200",method="GET"}`); got != "4" {
 		t.Errorf("proxied GETs counted %q; want 4 (probes and scrapes are not counted):\n%s", got, m)
@@ -374,7 +375,7 @@ func TestBodyLimit(t *testing.T) {
 			res.Body.Close()
 			_, got := u.request()
 			if res.StatusCode != 200 || !bytes.Equal(got, exact) {
-				t.Fatalf("status %d, upstream got %d bytes; want 200 and all %d", res.StatusCode, len(got), limit)
+				t.Fatalf("status %d, upstream got %d bytes; want 200 and all %d\n%s", res.StatusCode, len(got), limit, p.logs.String())
 			}
 		})
 		t.Run(name+"/one byte more is refused", func(t *testing.T) {
@@ -392,6 +393,7 @@ func TestBodyLimit(t *testing.T) {
 			}
 		})
 	}
+	p.logs.waitRequests(t, 4)
 	m := metricsText(t, p)
 	if got := metricValue(m, `proxy_upstream_errors_total{error_type="invalid_request"}`); got != "2" {
 		t.Errorf("invalid_request errors = %q; want 2", got)
@@ -496,15 +498,15 @@ func TestSSEEventsArriveOneByOne(t *testing.T) {
 func TestLongStreamThatKeepsSendingSurvives(t *testing.T) {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
-		for i := range 24 { // 24 × 50 ms = 1.2 s, three times the timeout
+		for i := range 24 { // 24 × 100 ms = 2.4 s, more than twice the timeout
 			io.WriteString(w, "data: "+strconv.Itoa(i)+"\n\n")
 			w.(http.Flusher).Flush()
-			time.Sleep(50 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond)
 		}
 	}))
 	t.Cleanup(up.Close)
 	cfg := testConfig(t, up.URL)
-	cfg.Timeout = 400 * time.Millisecond
+	cfg.Timeout = time.Second
 	p := startProxy(t, cfg, testTuning)
 	res, err := testClient(t).Get(p.url + "/v1/stream")
 	if err != nil {
@@ -627,7 +629,9 @@ func TestTLSHandshakeTimeoutIs502NotRetried(t *testing.T) {
 			t.Cleanup(func() { c.Close() })
 		}
 	}()
-	p := startProxy(t, testConfig(t, "https://"+ln.Addr().String()), testTuning)
+	tun := testTuning
+	tun.tlsTimeout = 300 * time.Millisecond
+	p := startProxy(t, testConfig(t, "https://"+ln.Addr().String()), tun)
 	res, err := testClient(t).Get(p.url + "/v1/models")
 	if err != nil {
 		t.Fatal(err)
@@ -643,8 +647,9 @@ func TestTLSHandshakeTimeoutIs502NotRetried(t *testing.T) {
 
 func TestTCPConnectTimeoutIs502NotRetried(t *testing.T) {
 	addr := fullBacklogListener(t)
-	p := startProxy(t, testConfig(t, "http://"+addr), testTuning)
-	start := time.Now()
+	tun := testTuning
+	tun.connectTimeout = 300 * time.Millisecond
+	p := startProxy(t, testConfig(t, "http://"+addr), tun)
 	res, err := testClient(t).Get(p.url + "/v1/models")
 	if err != nil {
 		t.Fatal(err)
@@ -652,9 +657,6 @@ func TestTCPConnectTimeoutIs502NotRetried(t *testing.T) {
 	e := readError(t, res, http.StatusBadGateway)
 	if !strings.Contains(e.Error.Message, "i/o timeout") {
 		t.Errorf("message = %q; want a dial i/o timeout", e.Error.Message)
-	}
-	if el := time.Since(start); el > 3*testTuning.connectTimeout {
-		t.Errorf("took %v; a connect timeout of %v must not be retried", el, testTuning.connectTimeout)
 	}
 	if l := p.logs.waitRequests(t, 1)[0]; l["attempts"] != float64(1) {
 		t.Errorf("log line = %v; want 1 attempt", l)
