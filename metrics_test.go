@@ -51,6 +51,7 @@ func goldenObservations(m *metrics) {
 	m.upstreamError(errConnection)
 	m.upstreamError(errTimeout)
 	m.upstreamError(errTimeout)
+	m.streamError(errTimeout)
 }
 
 func TestMetricsGolden(t *testing.T) {
@@ -98,6 +99,9 @@ func TestMetricsStartup(t *testing.T) {
 	want := []fam{
 		{"proxy_request_duration_seconds", "histogram", ""},
 		{"proxy_requests_total", "counter", ""},
+		{"proxy_stream_errors_total", "counter", "" +
+			`proxy_stream_errors_total{error_type="connection"} 0` + "\n" +
+			`proxy_stream_errors_total{error_type="timeout"} 0` + "\n"},
 		{"proxy_upstream_errors_total", "counter", "" +
 			`proxy_upstream_errors_total{error_type="connection"} 0` + "\n" +
 			`proxy_upstream_errors_total{error_type="invalid_request"} 0` + "\n" +

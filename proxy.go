@@ -385,7 +385,7 @@ func (s *server) modifyResponse(res *http.Response) error {
 	}
 	x.upstreamID = res.Header.Get("Request-Id")
 	if res.Body != nil && res.Body != http.NoBody {
-		res.Body = newIdleBody(res.Body, x, s.cfg.Timeout)
+		res.Body = newIdleBody(res.Body, x, s.metrics, s.cfg.Timeout)
 	}
 	return nil
 }
@@ -396,12 +396,13 @@ func (s *server) modifyResponse(res *http.Response) error {
 type idleBody struct {
 	rc      io.ReadCloser
 	x       *exchange
+	metrics *metrics
 	timer   *time.Timer
 	timeout time.Duration
 }
 
-func newIdleBody(rc io.ReadCloser, x *exchange, timeout time.Duration) *idleBody {
-	b := &idleBody{rc: rc, x: x, timeout: timeout}
+func newIdleBody(rc io.ReadCloser, x *exchange, m *metrics, timeout time.Duration) *idleBody {
+	b := &idleBody{rc: rc, x: x, metrics: m, timeout: timeout}
 	b.timer = time.AfterFunc(timeout, b.expire)
 	return b
 }
@@ -423,8 +424,10 @@ func (b *idleBody) Read(p []byte) (int, error) {
 			b.x.err = errClientGone
 		case context.Cause(b.x.ctx) == errIdleTimeout:
 			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
+			b.metrics.streamError(errTimeout)
 		default:
 			b.x.err = errors.New("upstream stream failed: " + err.Error())
+			b.metrics.streamError(errConnection)
 		}
 		return n, context.Canceled
 	}

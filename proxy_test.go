@@ -546,6 +546,13 @@ func TestIdleStreamIsCut(t *testing.T) {
 	if l["error"] != "upstream stream idle for 200ms, closed" || l["status"] != float64(200) || l["level"] != "WARN" {
 		t.Errorf("log line = %v; want status 200 and the idle error at WARN", l)
 	}
+	m := metricsText(t, p)
+	if got := metricValue(m, `proxy_stream_errors_total{error_type="timeout"}`); got != "1" {
+		t.Errorf("stream timeout errors = %q; want 1", got)
+	}
+	if got := metricValue(m, `proxy_upstream_errors_total{error_type="timeout"}`); got != "0" {
+		t.Errorf("upstream timeout errors = %q; want 0: the response was the upstream's", got)
+	}
 }
 
 func TestHeaderTimeoutRetriedThen504(t *testing.T) {
@@ -735,6 +742,9 @@ func TestStreamCutMidBodyLogsOnce(t *testing.T) {
 	lines := p.logs.waitRequests(t, 1)
 	if e, _ := lines[0]["error"].(string); !strings.HasPrefix(e, "upstream stream failed: ") {
 		t.Errorf("log line = %v; want error set", lines[0])
+	}
+	if got := metricValue(metricsText(t, p), `proxy_stream_errors_total{error_type="connection"}`); got != "1" {
+		t.Errorf("stream connection errors = %q; want 1", got)
 	}
 	for _, l := range p.logs.lines(t) {
 		if l["msg"] != "request" && l["level"] != "INFO" {
