@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -260,17 +259,23 @@ func (p *parser) errorAt(line int, format string, args ...any) error {
 	return &ConfigError{File: p.file, Line: line, Msg: fmt.Sprintf(format, args...)}
 }
 
-// utf8BOM is the UTF-8 byte order mark some editors put at the start of a file.
-var utf8BOM = []byte{0xEF, 0xBB, 0xBF}
+// Byte order marks: UTF-8's is accepted at the start of the file (some
+// editors write one); UTF-16's, big- and little-endian, are refused kindly.
+const (
+	utf8BOM    = "\xEF\xBB\xBF"
+	utf16BEBOM = "\xFE\xFF"
+	utf16LEBOM = "\xFF\xFE"
+)
 
 // parse reads data line by line into p's tables.
 func (p *parser) parse(data []byte) error {
-	if bytes.HasPrefix(data, []byte{0xFE, 0xFF}) || bytes.HasPrefix(data, []byte{0xFF, 0xFE}) {
+	text := string(data)
+	if strings.HasPrefix(text, utf16BEBOM) || strings.HasPrefix(text, utf16LEBOM) {
 		p.line = 1
 		return p.errorf("file looks like UTF-16 (it starts with a UTF-16 byte order mark), expected UTF-8; save it as UTF-8")
 	}
-	data = bytes.TrimPrefix(data, utf8BOM)
-	for line := range strings.SplitSeq(string(data), "\n") {
+	text = strings.TrimPrefix(text, utf8BOM)
+	for line := range strings.SplitSeq(text, "\n") {
 		p.line++
 		if err := p.parseLine(line); err != nil {
 			return err
@@ -296,22 +301,25 @@ func (p *parser) parseLine(line string) error {
 }
 
 // checkText rejects bytes a TOML file may not hold anywhere: invalid UTF-8,
-// NUL, and control characters other than tab.
+// NUL, and control characters other than tab. Columns count characters.
 func (p *parser) checkText(line string) error {
 	for i, r := range line {
 		switch {
 		case r == utf8.RuneError && !strings.HasPrefix(line[i:], "\uFFFD"):
-			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], i+1)
+			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], column(line, i))
 		case r == 0:
-			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", i+1)
+			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", column(line, i))
 		case r == '\r':
-			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", i+1)
+			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", column(line, i))
 		case (r < 0x20 && r != '\t') || r == 0x7F:
-			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, i+1)
+			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, column(line, i))
 		}
 	}
 	return nil
 }
+
+// column returns the 1-based column, in characters, of byte i of line.
+func column(line string, i int) int { return utf8.RuneCountInString(line[:i]) + 1 }
 
 // parseTableHeader handles a line starting with '[': [table] or [[array-of-tables]].
 func (p *parser) parseTableHeader(s string) error {

@@ -403,6 +403,51 @@ func TestParseConfigRejected(t *testing.T) {
 	}
 }
 
+func TestParseConfigLargeInputs(t *testing.T) {
+	const n = 256 << 10 // 256 KiB lines: far past any real config, well inside maxConfigBytes
+	tests := []struct {
+		name  string
+		input string
+		want  string // prefix of the error
+	}{
+		{"long key", "[proxy]\n" + strings.Repeat("k", n) + " = 1\n", "test.toml:2: unknown key proxy.kkk"},
+		{"long table header", strings.Repeat("[", n), `test.toml:1: unterminated table header "[[[`},
+		{"long table name", "[" + strings.Repeat("t", n) + "]", "test.toml:1: unknown table [ttt"},
+		{"long string", minimalProxy + "timeout_secs = \"" + strings.Repeat("s", n) + "\"", `test.toml:4: proxy.timeout_secs must be an integer, got string "sss`},
+		{"long number", minimalProxy + "timeout_secs = " + strings.Repeat("9", n), "test.toml:4: proxy.timeout_secs must be a decimal integer, got 999"},
+		{"long garbage", minimalProxy + "timeout_secs = 1 " + strings.Repeat("g", n), `test.toml:4: trailing garbage after the value of proxy.timeout_secs, expected end of line or # comment, got "ggg`},
+		{"long address", "[proxy]\nlisten_addr = \"" + strings.Repeat("a", n) + "\"\nupstream_url = \"https://x\"", `test.toml:2: proxy.listen_addr must be host:port such as "127.0.0.1:8080", got "aaa`},
+		{"long header name", header(strings.Repeat("h", n), `value = "v"`) + header(strings.Repeat("h", n), `value = "v"`)[len(minimalProxy):], `test.toml:8: duplicate header "hhh`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseConfig(testConfigFile, []byte(tt.input))
+			if err == nil || !strings.HasPrefix(err.Error(), tt.want) || len(err.Error()) > 300 {
+				t.Errorf("parseConfig(%d-byte input) error = %.400v; want one short line starting %q", len(tt.input), err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseConfigManyHeaders(t *testing.T) {
+	var b strings.Builder
+	b.WriteString(minimalProxy)
+	const count = 5000 // a config of about 200 KiB
+	for i := range count {
+		b.WriteString("[[headers]]\nname = \"x-h" + strconv.Itoa(i) + "\"\nvalue = \"v\"\n")
+	}
+	cfg, err := parseConfig(testConfigFile, []byte(b.String()))
+	if err != nil {
+		t.Fatalf("parseConfig: %v", err)
+	}
+	if len(cfg.Headers) != count {
+		t.Fatalf("parseConfig: %d headers; want %d", len(cfg.Headers), count)
+	}
+	if got, want := cfg.Headers[count-1].Line, 4+3*(count-1); got != want {
+		t.Errorf("parseConfig: last header on line %d; want %d", got, want)
+	}
+}
+
 func TestRejectedCredentialsNotShown(t *testing.T) {
 	for _, tt := range rejectedCases() {
 		if strings.Contains(tt.want, "s3cret") || strings.Contains(tt.want, "u:p") {

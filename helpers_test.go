@@ -22,6 +22,7 @@ var testTuning = tuning{
 	attempts:       3,
 	retryPause:     100 * time.Millisecond,
 	drainTimeout:   2 * time.Second,
+	headerTimeout:  10 * time.Second,
 	bodyBudget:     64 << 20,
 }
 

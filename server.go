@@ -16,19 +16,21 @@ type tuning struct {
 	attempts       int           // upstream attempts for a phase-2 timeout
 	retryPause     time.Duration // pause between those attempts
 	drainTimeout   time.Duration // how long shutdown waits for in-flight requests
+	headerTimeout  time.Duration // to read a client's request headers (slowloris)
 	bodyBudget     int64         // bytes of request bodies buffered at once
 }
 
 // defaultTuning is SPEC.md's: 5 s connect plus 5 s TLS handshake, 3
 // attempts 100 ms apart, a 5 s drain (the pod's 10 s grace period less the
-// 3 s preStop sleep, with margin), and a 64 MiB body budget (half the pod's
-// 128 MiB memory limit).
+// 3 s preStop sleep, with margin), 10 s to send request headers, and a
+// 64 MiB body budget (half the pod's 128 MiB memory limit).
 var defaultTuning = tuning{
 	connectTimeout: 5 * time.Second,
 	tlsTimeout:     5 * time.Second,
 	attempts:       3,
 	retryPause:     100 * time.Millisecond,
 	drainTimeout:   5 * time.Second,
+	headerTimeout:  10 * time.Second,
 	bodyBudget:     64 << 20,
 }
 
@@ -43,6 +45,7 @@ type server struct {
 	rules     []headerRule
 	slots     chan struct{} // one token per proxied request in flight
 	budget    *bodyBudget
+	tun       tuning
 }
 
 func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
@@ -53,6 +56,7 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 		rules:   newHeaderRules(cfg.Headers),
 		slots:   make(chan struct{}, cfg.MaxConnections),
 		budget:  newBodyBudget(tun.bodyBudget),
+		tun:     tun,
 	}
 	s.health = healthHandler(s.metrics, time.Now())
 	s.transport = newTransport(cfg, tun)
@@ -116,9 +120,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (s *server) httpServer() *http.Server {
 	return &http.Server{
 		Handler:           s,
-		ReadHeaderTimeout: 10 * time.Second,  // slowloris
-		IdleTimeout:       120 * time.Second, // idle keep-alive client connections
-		MaxHeaderBytes:    64 << 10,          // larger request headers get 431
+		ReadHeaderTimeout: s.tun.headerTimeout, // slowloris
+		IdleTimeout:       120 * time.Second,   // idle keep-alive client connections
+		MaxHeaderBytes:    64 << 10,            // larger request headers get 431
 		// No ReadTimeout or WriteTimeout: they would cut long streams.
 		ErrorLog:                     slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		DisableGeneralOptionsHandler: true, // "OPTIONS *" is proxied too
