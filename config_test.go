@@ -137,8 +137,8 @@ type rejectedCase struct {
 	want  string
 }
 
-// header is a [[headers]] entry on lines 4-6 after minimalProxy, with the given value line.
-func header(name, valueLine string) string {
+// headerEntry is a [[headers]] entry on lines 4-6 after minimalProxy, with the given value line.
+func headerEntry(name, valueLine string) string {
 	return minimalProxy + "[[headers]]\nname = \"" + name + "\"\n" + valueLine + "\n"
 }
 
@@ -163,7 +163,7 @@ func rejectedEncoding() []rejectedCase {
 		{"NUL byte", minimalProxy + "timeout_secs = 6\x000\n", "test.toml:4: file contains a NUL byte (column 17); it looks binary or UTF-16, expected UTF-8 text"},
 		{"invalid UTF-8", minimalProxy + "# caf\xE9\n", "test.toml:4: invalid UTF-8 byte 0xe9 at column 6, expected UTF-8 text"},
 		{"control character", "[proxy]\x07\n", `test.toml:1: control character U+0007 at column 8 is not allowed (inside a "..." string, write it as a \uXXXX escape)`},
-		{"DEL in a string", header("x-a", "value = \"a\x7Fb\""), `test.toml:6: control character U+007F at column 11 is not allowed (inside a "..." string, write it as a \uXXXX escape)`},
+		{"DEL in a string", headerEntry("x-a", "value = \"a\x7Fb\""), `test.toml:6: control character U+007F at column 11 is not allowed (inside a "..." string, write it as a \uXXXX escape)`},
 		{"lone carriage return", "[proxy]\rlisten_addr = \"127.0.0.1:8080\"\n", "test.toml:1: carriage return (U+000D) at column 8 is not allowed except before a line feed"},
 	}
 }
@@ -204,7 +204,7 @@ func rejectedKeys() []rejectedCase {
 		{"header key under proxy", minimalProxy + "name = \"x-a\"\n", "test.toml:4: unknown key proxy.name, expected one of listen_addr, upstream_url, timeout_secs, max_connections, max_body_bytes (name belongs under [[headers]])"},
 		{"proxy key under headers", minimalProxy + "[[headers]]\ntimeout_secs = 5\n", "test.toml:5: unknown key headers.timeout_secs, expected one of name, value, mode (timeout_secs belongs under [proxy])"},
 		{"duplicate key", minimalProxy + "listen_addr = \"127.0.0.1:9090\"\n", "test.toml:4: duplicate key proxy.listen_addr, first set on line 2"},
-		{"duplicate header key", header("x-a", "name = \"x-b\""), "test.toml:6: duplicate key headers.name, first set on line 5"},
+		{"duplicate header key", headerEntry("x-a", "name = \"x-b\""), "test.toml:6: duplicate key headers.name, first set on line 5"},
 		{"dotted key", "[proxy]\nproxy.listen_addr = \"127.0.0.1:8080\"\n", `test.toml:2: dotted keys are not supported, expected a bare key under its [table], got "proxy.listen_addr"`},
 		{"dotted key with spaces", "proxy . timeout_secs = 5\n", `test.toml:1: dotted keys are not supported, expected a bare key under its [table], got "proxy . timeout_secs"`},
 		{"quoted key", "[proxy]\n\"listen_addr\" = \"127.0.0.1:8080\"\n", `test.toml:2: quoted keys are not supported, expected a bare key (A-Z a-z 0-9 _ -), got quoted key "listen_addr"`},
@@ -229,8 +229,8 @@ func rejectedValues() []rejectedCase {
 		{"invalid integer for string", "[proxy]\nlisten_addr = 08080\n", "test.toml:2: proxy.listen_addr must be a string, got integer 08080"},
 		{"long string for integer is cut", minimalProxy + "timeout_secs = \"" + strings.Repeat("6", 100) + "\"\n", `test.toml:4: proxy.timeout_secs must be an integer, got string "` + strings.Repeat("6", 60) + `..."`},
 		{"boolean for integer", minimalProxy + "max_connections = true\n", "test.toml:4: proxy.max_connections must be an integer, got boolean true"},
-		{"boolean for string", header("x-a", "value = false"), "test.toml:6: headers.value must be a string, got boolean false"},
-		{"integer for mode", header("x-a", "mode = 1"), "test.toml:6: headers.mode must be a string, got integer 1"},
+		{"boolean for string", headerEntry("x-a", "value = false"), "test.toml:6: headers.value must be a string, got boolean false"},
+		{"integer for mode", headerEntry("x-a", "mode = 1"), "test.toml:6: headers.mode must be a string, got integer 1"},
 		{"unquoted address", "[proxy]\nlisten_addr = 127.0.0.1:8080\n", `test.toml:2: proxy.listen_addr must be a string, got unquoted text "127.0.0.1:8080" (strings must be quoted)`},
 		{"unquoted URL", "[proxy]\nupstream_url = https://api.anthropic.com\n", `test.toml:2: proxy.upstream_url must be a string, got unquoted text "https://api.anthropic.com" (strings must be quoted)`},
 		{"unit suffix", minimalProxy + "timeout_secs = 60s\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "60s"`},
@@ -254,11 +254,11 @@ func rejectedValues() []rejectedCase {
 		{"underscore after sign", minimalProxy + "timeout_secs = +_10\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "+_10"`},
 		{"leading underscore", minimalProxy + "timeout_secs = _10\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "_10"`},
 		{"integer overflow", minimalProxy + "max_body_bytes = 9223372036854775808\n", "test.toml:4: proxy.max_body_bytes must be a decimal integer, got 9223372036854775808 (out of the 64-bit integer range)"},
-		{"array", header("x-a", `value = ["a", "b"]`), `test.toml:6: headers.value must be a string, got array "[\"a\", \"b\"]" (arrays are not supported)`},
+		{"array", headerEntry("x-a", `value = ["a", "b"]`), `test.toml:6: headers.value must be a string, got array "[\"a\", \"b\"]" (arrays are not supported)`},
 		{"inline table", minimalProxy + "timeout_secs = { secs = 5 }\n", `test.toml:4: proxy.timeout_secs must be an integer, got inline table "{ secs = 5 }" (inline tables are not supported)`},
 		{"text after a value", "[proxy]\nlisten_addr = \"127.0.0.1:8080\" x\n", `test.toml:2: trailing garbage after the value of proxy.listen_addr, expected end of line or # comment, got "x"`},
 		{"two integers", minimalProxy + "timeout_secs = 1 2\n", `test.toml:4: trailing garbage after the value of proxy.timeout_secs, expected end of line or # comment, got "2"`},
-		{"two strings", header("x-a", `value = "a""b"`), `test.toml:6: trailing garbage after the value of headers.value, expected end of line or # comment, got "\"b\""`},
+		{"two strings", headerEntry("x-a", `value = "a""b"`), `test.toml:6: trailing garbage after the value of headers.value, expected end of line or # comment, got "\"b\""`},
 		{"second assignment on a line", minimalProxy + "timeout_secs = 5, max_connections = 5\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "5,"`},
 	}
 }
@@ -266,20 +266,20 @@ func rejectedValues() []rejectedCase {
 // rejectedStrings lists string syntax mistakes.
 func rejectedStrings() []rejectedCase {
 	return []rejectedCase{
-		{"multi-line basic string", header("x-a", `value = """a"""`), `test.toml:6: headers.value: multi-line strings are not supported, expected a single-line "..." or '...' string`},
-		{"multi-line literal string", header("x-a", "value = '''a'''"), `test.toml:6: headers.value: multi-line strings are not supported, expected a single-line "..." or '...' string`},
+		{"multi-line basic string", headerEntry("x-a", `value = """a"""`), `test.toml:6: headers.value: multi-line strings are not supported, expected a single-line "..." or '...' string`},
+		{"multi-line literal string", headerEntry("x-a", "value = '''a'''"), `test.toml:6: headers.value: multi-line strings are not supported, expected a single-line "..." or '...' string`},
 		{"unterminated string", "[proxy]\nlisten_addr = \"127.0.0.1:8080\n", `test.toml:2: proxy.listen_addr: unterminated string, expected a closing " before the end of the line`},
 		{"string ending in a backslash", "[proxy]\nlisten_addr = \"127.0.0.1:8080\\\n", `test.toml:2: proxy.listen_addr: unterminated string, expected a closing " before the end of the line`},
 		{"escaped closing quote", "[proxy]\nlisten_addr = \"127.0.0.1:8080\\\"\n", `test.toml:2: proxy.listen_addr: unterminated string, expected a closing " before the end of the line`},
 		{"unterminated literal string", "[proxy]\nlisten_addr = '127.0.0.1:8080\n", `test.toml:2: proxy.listen_addr: unterminated string, expected a closing ' before the end of the line`},
-		{"unknown escape", header("x-a", `value = "a\qb"`), `test.toml:6: headers.value: invalid escape \q in string, expected one of \" \\ \n \t \r \uXXXX`},
-		{"hex escape", header("x-a", `value = "\x41"`), `test.toml:6: headers.value: invalid escape \x in string, expected one of \" \\ \n \t \r \uXXXX`},
-		{"long unicode escape", header("x-a", `value = "\U0001F600"`), `test.toml:6: headers.value: invalid escape \U in string, expected one of \" \\ \n \t \r \uXXXX`},
-		{"escaped space", header("x-a", `value = "a\ b"`), `test.toml:6: headers.value: invalid escape \  in string, expected one of \" \\ \n \t \r \uXXXX`},
-		{"escaped line separator", header("x-a", "value = \"a\\\u2028b\""), `test.toml:6: headers.value: invalid escape "\\\u2028" in string, expected one of \" \\ \n \t \r \uXXXX`},
-		{"short unicode escape", header("x-a", `value = "\u12"`), `test.toml:6: headers.value: invalid escape \u12, expected \u followed by 4 hex digits`},
-		{"unicode escape at end of line", header("x-a", `value = "\u`), `test.toml:6: headers.value: invalid escape \u, expected \u followed by 4 hex digits`},
-		{"surrogate escape", header("x-a", `value = "\uD83D\uDE00"`), `test.toml:6: headers.value: invalid escape \uD83D, expected a Unicode character (D800-DFFF are UTF-16 surrogates)`},
+		{"unknown escape", headerEntry("x-a", `value = "a\qb"`), `test.toml:6: headers.value: invalid escape \q in string, expected one of \" \\ \n \t \r \uXXXX`},
+		{"hex escape", headerEntry("x-a", `value = "\x41"`), `test.toml:6: headers.value: invalid escape \x in string, expected one of \" \\ \n \t \r \uXXXX`},
+		{"long unicode escape", headerEntry("x-a", `value = "\U0001F600"`), `test.toml:6: headers.value: invalid escape \U in string, expected one of \" \\ \n \t \r \uXXXX`},
+		{"escaped space", headerEntry("x-a", `value = "a\ b"`), `test.toml:6: headers.value: invalid escape \  in string, expected one of \" \\ \n \t \r \uXXXX`},
+		{"escaped line separator", headerEntry("x-a", "value = \"a\\\u2028b\""), `test.toml:6: headers.value: invalid escape "\\\u2028" in string, expected one of \" \\ \n \t \r \uXXXX`},
+		{"short unicode escape", headerEntry("x-a", `value = "\u12"`), `test.toml:6: headers.value: invalid escape \u12, expected \u followed by 4 hex digits`},
+		{"unicode escape at end of line", headerEntry("x-a", `value = "\u`), `test.toml:6: headers.value: invalid escape \u, expected \u followed by 4 hex digits`},
+		{"surrogate escape", headerEntry("x-a", `value = "\uD83D\uDE00"`), `test.toml:6: headers.value: invalid escape \uD83D, expected a Unicode character (D800-DFFF are UTF-16 surrogates)`},
 	}
 }
 
@@ -341,17 +341,17 @@ func rejectedUpstream() []rejectedCase {
 // rejectedHeaders lists invalid [[headers]] entries.
 func rejectedHeaders() []rejectedCase {
 	refused := func(name, why string) rejectedCase {
-		return rejectedCase{"refused " + name, header(name, `value = "x"`), `test.toml:5: header "` + name + `" cannot be configured: ` + why}
+		return rejectedCase{"refused " + name, headerEntry(name, `value = "x"`), `test.toml:5: header "` + name + `" cannot be configured: ` + why}
 	}
 	const hop = "it is a hop-by-hop header, removed before the request is forwarded"
 	return []rejectedCase{
 		{"entry without name", minimalProxy + "[[headers]]\nvalue = \"x\"\n", `test.toml:4: [[headers]] entry has no name, expected name = "header-name"`},
 		{"empty entry", minimalProxy + "[[headers]]\n[[headers]]\nname = \"x-a\"\nvalue = \"1\"\n", `test.toml:4: [[headers]] entry has no name, expected name = "header-name"`},
-		{"empty name", header("", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"\""},
-		{"space in name", header("x a", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x a\""},
-		{"colon in name", header("x-a:", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x-a:\""},
-		{"non-ASCII name", header("x-caf\u00e9", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x-caf\u00e9\""},
-		{"newline in name", header(`x\na`, `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x\\na\""},
+		{"empty name", headerEntry("", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"\""},
+		{"space in name", headerEntry("x a", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x a\""},
+		{"colon in name", headerEntry("x-a:", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x-a:\""},
+		{"non-ASCII name", headerEntry("x-caf\u00e9", `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x-caf\u00e9\""},
+		{"newline in name", headerEntry(`x\na`, `value = "x"`), "test.toml:5: headers.name must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~), got \"x\\na\""},
 		refused("Authorization", "the client's Authorization always passes through untouched, and the proxy holds no credentials"),
 		refused("host", "Host is always the upstream's host"),
 		refused("Content-Length", "it is set from the request body"),
@@ -363,25 +363,25 @@ func rejectedHeaders() []rejectedCase {
 		refused("trailer", hop),
 		refused("Transfer-Encoding", hop),
 		refused("upgrade", hop),
-		{"refused even for remove", header("authorization", `mode = "remove"`), `test.toml:5: header "authorization" cannot be configured: the client's Authorization always passes through untouched, and the proxy holds no credentials`},
-		{"unknown mode", header("x-a", "value = \"1\"\nmode = \"replace\""), `test.toml:7: headers.mode must be one of set, append, remove, got "replace"`},
-		{"mode is case-sensitive", header("x-a", "value = \"1\"\nmode = \"Set\""), `test.toml:7: headers.mode must be one of set, append, remove, got "Set"`},
-		{"set without value", header("x-a", ""), `test.toml:4: header "x-a" has no value, expected value = "..." (mode "set" needs one)`},
-		{"append without value", header("x-a", `mode = "append"`), `test.toml:4: header "x-a" has no value, expected value = "..." (mode "append" needs one)`},
-		{"empty value", header("x-a", `value = ""`), `test.toml:6: headers.value must not be empty for mode "set" (use mode = "remove" to delete header "x-a")`},
-		{"empty literal value for append", header("x-a", "value = ''\nmode = \"append\""), `test.toml:6: headers.value must not be empty for mode "append" (use mode = "remove" to delete header "x-a")`},
-		{"remove with value", header("x-api-key", "mode = \"remove\"\nvalue = \"k\""), `test.toml:7: headers.value must be absent when mode is "remove" (header "x-api-key" is deleted, not given a value)`},
-		{"remove with empty value", header("x-api-key", "value = \"\"\nmode = \"remove\""), `test.toml:6: headers.value must be absent when mode is "remove" (header "x-api-key" is deleted, not given a value)`},
-		{"line feed in value", header("x-a", `value = "a\nb"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\n' at byte 1`},
-		{"carriage return in value", header("x-a", `value = "ab\r"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\r' at byte 2`},
-		{"NUL in value", header("x-a", `value = "\u0000"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x00' at byte 0`},
-		{"escape character in value", header("x-a", `value = "\u001b[0m"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x1b' at byte 0`},
-		{"value with leading space", header("x-a", `value = " a"`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
-		{"value with trailing tab", header("x-a", `value = "a\t"`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
-		{"blank value", header("x-a", `value = "  "`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
-		{"DEL in value", header("x-a", `value = "a\u007F"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x7f' at byte 1`},
-		{"duplicate header", header("anthropic-beta", `value = "a"`) + "[[headers]]\nname = \"Anthropic-Beta\"\nvalue = \"b\"\n", `test.toml:8: duplicate header "Anthropic-Beta", already configured on line 5 (header names are case-insensitive)`},
-		{"duplicate with remove", header("x-a", `value = "a"`) + "\n[[headers]]\nmode = \"remove\"\n\nname = \"X-A\"\n", `test.toml:11: duplicate header "X-A", already configured on line 5 (header names are case-insensitive)`},
+		{"refused even for remove", headerEntry("authorization", `mode = "remove"`), `test.toml:5: header "authorization" cannot be configured: the client's Authorization always passes through untouched, and the proxy holds no credentials`},
+		{"unknown mode", headerEntry("x-a", "value = \"1\"\nmode = \"replace\""), `test.toml:7: headers.mode must be one of set, append, remove, got "replace"`},
+		{"mode is case-sensitive", headerEntry("x-a", "value = \"1\"\nmode = \"Set\""), `test.toml:7: headers.mode must be one of set, append, remove, got "Set"`},
+		{"set without value", headerEntry("x-a", ""), `test.toml:4: header "x-a" has no value, expected value = "..." (mode "set" needs one)`},
+		{"append without value", headerEntry("x-a", `mode = "append"`), `test.toml:4: header "x-a" has no value, expected value = "..." (mode "append" needs one)`},
+		{"empty value", headerEntry("x-a", `value = ""`), `test.toml:6: headers.value must not be empty for mode "set" (use mode = "remove" to delete header "x-a")`},
+		{"empty literal value for append", headerEntry("x-a", "value = ''\nmode = \"append\""), `test.toml:6: headers.value must not be empty for mode "append" (use mode = "remove" to delete header "x-a")`},
+		{"remove with value", headerEntry("x-api-key", "mode = \"remove\"\nvalue = \"k\""), `test.toml:7: headers.value must be absent when mode is "remove" (header "x-api-key" is deleted, not given a value)`},
+		{"remove with empty value", headerEntry("x-api-key", "value = \"\"\nmode = \"remove\""), `test.toml:6: headers.value must be absent when mode is "remove" (header "x-api-key" is deleted, not given a value)`},
+		{"line feed in value", headerEntry("x-a", `value = "a\nb"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\n' at byte 1`},
+		{"carriage return in value", headerEntry("x-a", `value = "ab\r"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\r' at byte 2`},
+		{"NUL in value", headerEntry("x-a", `value = "\u0000"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x00' at byte 0`},
+		{"escape character in value", headerEntry("x-a", `value = "\u001b[0m"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x1b' at byte 0`},
+		{"value with leading space", headerEntry("x-a", `value = " a"`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
+		{"value with trailing tab", headerEntry("x-a", `value = "a\t"`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
+		{"blank value", headerEntry("x-a", `value = "  "`), `test.toml:6: headers.value must not begin or end with a space or tab (HTTP strips them)`},
+		{"DEL in value", headerEntry("x-a", `value = "a\u007F"`), `test.toml:6: headers.value must not contain control characters other than tab, got '\x7f' at byte 1`},
+		{"duplicate header", headerEntry("anthropic-beta", `value = "a"`) + "[[headers]]\nname = \"Anthropic-Beta\"\nvalue = \"b\"\n", `test.toml:8: duplicate header "Anthropic-Beta", already configured on line 5 (header names are case-insensitive)`},
+		{"duplicate with remove", headerEntry("x-a", `value = "a"`) + "\n[[headers]]\nmode = \"remove\"\n\nname = \"X-A\"\n", `test.toml:11: duplicate header "X-A", already configured on line 5 (header names are case-insensitive)`},
 	}
 }
 
@@ -417,7 +417,7 @@ func TestParseConfigLargeInputs(t *testing.T) {
 		{"long number", minimalProxy + "timeout_secs = " + strings.Repeat("9", n), "test.toml:4: proxy.timeout_secs must be a decimal integer, got 999"},
 		{"long garbage", minimalProxy + "timeout_secs = 1 " + strings.Repeat("g", n), `test.toml:4: trailing garbage after the value of proxy.timeout_secs, expected end of line or # comment, got "ggg`},
 		{"long address", "[proxy]\nlisten_addr = \"" + strings.Repeat("a", n) + "\"\nupstream_url = \"https://x\"", `test.toml:2: proxy.listen_addr must be host:port such as "127.0.0.1:8080", got "aaa`},
-		{"long header name", header(strings.Repeat("h", n), `value = "v"`) + header(strings.Repeat("h", n), `value = "v"`)[len(minimalProxy):], `test.toml:8: duplicate header "hhh`},
+		{"long header name", headerEntry(strings.Repeat("h", n), `value = "v"`) + headerEntry(strings.Repeat("h", n), `value = "v"`)[len(minimalProxy):], `test.toml:8: duplicate header "hhh`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
