@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 // TestMain turns the test binary into the proxy when runMainEnv is set, so
@@ -235,12 +237,12 @@ func TestRunRejectsStrayArguments(t *testing.T) {
 
 // startRun runs the proxy in-process and returns its address once it
 // listens, with its stderr and a channel that receives the exit code.
-func startRun(t *testing.T, ctx context.Context, config string, tun tuning) (addr string, logs *logBuffer, exit chan int) {
+func startRun(t *testing.T, ctx context.Context, config string, getenv func(string) string, tun tuning) (addr string, logs *logBuffer, exit chan int) {
 	t.Helper()
 	logs = newLogBuffer()
 	exit = make(chan int, 1)
 	path := writeConfig(t, config)
-	go func() { exit <- runWith(ctx, []string{"-config", path}, noEnv, io.Discard, logs, tun) }()
+	go func() { exit <- runWith(ctx, []string{"-config", path}, getenv, io.Discard, logs, tun) }()
 	deadline := time.After(5 * time.Second)
 	for {
 		for _, l := range logs.lines(t) {
@@ -268,7 +270,7 @@ func TestRunDrainsInFlightRequests(t *testing.T) {
 	}))
 	defer up.Close()
 	ctx, stop := context.WithCancel(t.Context())
-	addr, logs, exit := startRun(t, ctx, validConfig(up.URL), testTuning)
+	addr, logs, exit := startRun(t, ctx, validConfig(up.URL), noEnv, testTuning)
 
 	result := make(chan string, 1)
 	go func() {
@@ -297,6 +299,50 @@ func TestRunDrainsInFlightRequests(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `"event":"Drained"`) {
 		t.Errorf("log does not say Drained:\n%s", logs.String())
+	}
+}
+
+// TestRunWalksTheStateMachine checks, through the debug log, that run
+// really drives service.go from startup to Stopped, and that the startup
+// line says what an operator needs.
+func TestRunWalksTheStateMachine(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer up.Close()
+	ctx, stop := context.WithCancel(t.Context())
+	debug := func(k string) string {
+		if k == "LOG_LEVEL" {
+			return "debug"
+		}
+		return ""
+	}
+	addr, logs, exit := startRun(t, ctx, validConfig(up.URL), debug, testTuning)
+	stop()
+	if code := <-exit; code != 0 {
+		t.Fatalf("exit %d; want 0", code)
+	}
+	type step struct{ From, Event, To, Action string }
+	var got []step
+	var listening map[string]any
+	for _, l := range logs.lines(t) {
+		switch l["msg"] {
+		case "state":
+			got = append(got, step{l["from"].(string), l["event"].(string), l["to"].(string), l["action"].(string)})
+		case "listening":
+			listening = l
+		}
+	}
+	want := []step{
+		{"Initializing", "ConfigLoaded", "Starting", "StartListener"},
+		{"Starting", "ListenerReady", "Running", "None"},
+		{"Running", "ShutdownSignal", "Draining", "None"},
+		{"Draining", "Drained", "Stopped", "Shutdown(0)"},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("state transitions (-want +got):\n%s", diff)
+	}
+	if listening["listen_addr"] != addr || listening["upstream"] != up.URL ||
+		listening["injected_headers"] != float64(1) || !strings.HasSuffix(listening["config"].(string), "proxy.toml") {
+		t.Errorf("startup line = %v; want config path, listen address, upstream and 1 injected header", listening)
 	}
 }
 

@@ -915,3 +915,126 @@ func TestUntrustedTLSIs502(t *testing.T) {
 		t.Errorf("message = %q; want it to say TLS", e.Error.Message)
 	}
 }
+
+func TestBodyBudgetWaitsForRoom(t *testing.T) {
+	entered := make(chan string, 4)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		entered <- r.URL.Path
+		<-release
+	}))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, up.URL)
+	cfg.MaxBodyBytes = 1 << 20
+	tun := testTuning
+	tun.bodyBudget = 1 << 20 // room for one body at a time
+	p := startProxy(t, cfg, tun)
+	c := testClient(t)
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	done := make(chan int, 2)
+	post := func(path string) {
+		res, err := c.Post(p.url+path, "application/octet-stream", bytes.NewReader(body))
+		if err != nil {
+			done <- 0
+			return
+		}
+		res.Body.Close()
+		done <- res.StatusCode
+	}
+	go post("/first")
+	if got := <-entered; got != "/first" {
+		t.Fatalf("upstream got %s first", got)
+	}
+	go post("/second")
+	select {
+	case got := <-entered:
+		t.Fatalf("%s reached the upstream while the budget was full", got)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if got := <-entered; got != "/second" {
+		t.Fatalf("upstream got %s; want /second once room was freed", got)
+	}
+	for range 2 {
+		if code := <-done; code != 200 {
+			t.Errorf("status %d; want 200", code)
+		}
+	}
+}
+
+func TestBodyBudgetQueue(t *testing.T) {
+	b := newBodyBudget(10)
+	ctx := t.Context()
+	if err := b.acquire(ctx, 8); err != nil {
+		t.Fatal(err)
+	}
+	granted := make(chan int64, 2)
+	go func() { b.acquire(ctx, 5); granted <- 5 }()
+	waitQueued(t, b, 1)
+	go func() { b.acquire(ctx, 2); granted <- 2 }() // fits, but must not jump the queue
+	waitQueued(t, b, 2)
+	cctx, cancel := context.WithCancel(ctx)
+	cancelled := make(chan error, 1)
+	go func() { cancelled <- b.acquire(cctx, 10) }()
+	waitQueued(t, b, 3)
+	cancel()
+	if err := <-cancelled; err == nil {
+		t.Error("a cancelled waiter got its bytes")
+	}
+	select {
+	case n := <-granted:
+		t.Fatalf("%d bytes granted ahead of the queue", n)
+	default:
+	}
+	b.release(8)
+	if got := <-granted + <-granted; got != 7 {
+		t.Errorf("granted %d bytes; want both waiters (7)", got)
+	}
+	b.release(7)
+	if b.free != 10 || len(b.waiters) != 0 {
+		t.Errorf("free %d with %d waiters after everything was released; want 10 and 0", b.free, len(b.waiters))
+	}
+}
+
+// waitQueued waits until n acquirers wait in b.
+func waitQueued(t testing.TB, b *bodyBudget, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		b.mu.Lock()
+		got := len(b.waiters)
+		b.mu.Unlock()
+		if got == n {
+			return
+		}
+	}
+	t.Fatalf("%d waiters never queued", n)
+}
+
+func TestRetryPauseEndsWhenClientLeaves(t *testing.T) {
+	attempts := make(chan struct{}, 4)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-r.Context().Done() // never answers; done once the proxy gives up
+		attempts <- struct{}{}
+	}))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = 100 * time.Millisecond
+	tun := testTuning
+	tun.retryPause = time.Hour // the pause must end with the client, not the clock
+	p := startProxy(t, cfg, tun)
+	ctx, cancel := context.WithCancel(t.Context())
+	errc := make(chan error, 1)
+	go func() {
+		req, _ := http.NewRequestWithContext(ctx, "GET", p.url+"/v1/models", nil)
+		_, err := testClient(t).Do(req)
+		errc <- err
+	}()
+	<-attempts // the first attempt timed out: the proxy is pausing
+	cancel()
+	<-errc
+	l := p.logs.waitRequests(t, 1)[0]
+	if l["status"] != float64(499) || l["attempts"] != float64(1) {
+		t.Errorf("log line = %v; want 499 after 1 attempt", l)
+	}
+}
