@@ -376,9 +376,21 @@ func hasToken(list, token string) bool {
 	return false
 }
 
-// modifyResponse is ReverseProxy's ModifyResponse hook. It notes the
-// upstream's request-id and puts the idle timer on the response body.
+// errSwitchingProtocols refuses an upstream's 101 response: the proxy
+// forwards no Upgrade header, so a protocol switch is never one the client
+// asked for.
+var errSwitchingProtocols = errors.New("protocol switch (101) refused: upgrades are not proxied")
+
+// modifyResponse is ReverseProxy's ModifyResponse hook. It refuses a 101,
+// notes the upstream's request-id and puts the idle timer on the response
+// body.
 func (s *server) modifyResponse(res *http.Response) error {
+	if res.StatusCode == http.StatusSwitchingProtocols {
+		// Returning an error makes ReverseProxy close the upstream
+		// connection; its own upgrade path leaves it open when the
+		// protocols do not match.
+		return errSwitchingProtocols
+	}
 	x := exchangeFrom(res.Request.Context())
 	if x == nil {
 		return nil
