@@ -288,6 +288,11 @@ func (s *server) rewrite(pr *httputil.ProxyRequest) {
 	// ReverseProxy drops query parameters it cannot parse ("c=%zz",
 	// "a=1;b=2"); the upstream gets the query exactly as sent.
 	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
+	// The asterisk-form target of "OPTIONS *" joins to the path "/*";
+	// without a raw path, url.URL would send it re-encoded as "/%2A".
+	if pr.In.URL.Path == "*" {
+		pr.Out.URL.RawPath = strings.TrimSuffix(s.cfg.Upstream.EscapedPath(), "/") + "/*"
+	}
 	// ReverseProxy re-adds these for trailers and upgrades; stripHopByHop
 	// already removed their cause, this keeps the rule literal.
 	delete(pr.Out.Header, "Te")
