@@ -62,12 +62,22 @@ var errIdleTimeout = errors.New("upstream stream idle timeout")
 // errClientGone marks requests whose client left before they were proxied.
 var errClientGone = errors.New("client went away")
 
+// errOpaqueTarget marks requests whose target has no path to forward.
+var errOpaqueTarget = errors.New("request target is not a path")
+
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	x := &exchange{id: newRequestID(), client: r.Context()}
 	rec := &recorder{ResponseWriter: w}
 	start := time.Now()
 	defer s.finish(x, rec, r, start)
+
+	// A target with no path ("http:foo": a URL without "//") cannot be
+	// joined to upstream_url; sent on, it would be an invalid request line.
+	if r.URL.Opaque != "" {
+		s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest, "request target must be a path", errOpaqueTarget)
+		return
+	}
 
 	// Take a slot before reading the body (SPEC: Concurrency). A client that
 	// gives up while waiting is dropped without a response.
