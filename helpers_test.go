@@ -74,12 +74,13 @@ func startProxy(t testing.TB, cfg *Config, tun tuning) *testProxy {
 	return &testProxy{url: "http://" + ln.Addr().String(), addr: ln.Addr().String(), srv: s, logs: logs}
 }
 
-// client returns an HTTP client that neither decompresses nor shares
-// connections with other tests.
+// testClient returns an HTTP client that neither decompresses nor shares
+// connections with other tests. An exchange still unfinished after 30 s
+// fails its test rather than stalling the whole run.
 func testClient(t testing.TB) *http.Client {
 	tr := &http.Transport{DisableCompression: true}
 	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
+	return &http.Client{Transport: tr, Timeout: 30 * time.Second}
 }
 
 // logBuffer collects JSON log lines and lets tests wait for them.

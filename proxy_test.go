@@ -942,8 +942,17 @@ func TestBodyBudgetWaitsForRoom(t *testing.T) {
 		res.Body.Close()
 		done <- res.StatusCode
 	}
+	next := func() string {
+		select {
+		case got := <-entered:
+			return got
+		case <-time.After(10 * time.Second):
+			t.Fatal("no request reached the upstream: is the budget leaking?")
+			return ""
+		}
+	}
 	go post("/first")
-	if got := <-entered; got != "/first" {
+	if got := next(); got != "/first" {
 		t.Fatalf("upstream got %s first", got)
 	}
 	go post("/second")
@@ -953,7 +962,7 @@ func TestBodyBudgetWaitsForRoom(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 	close(release)
-	if got := <-entered; got != "/second" {
+	if got := next(); got != "/second" {
 		t.Fatalf("upstream got %s; want /second once room was freed", got)
 	}
 	for range 2 {
