@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"io"
 	"math/rand/v2"
@@ -1014,4 +1015,34 @@ func TestTargetWithoutPathIs400(t *testing.T) {
 		`proxy_upstream_errors_total{error_type="invalid_request"}`: "3",
 		`proxy_upstream_errors_total{error_type="connection"}`:      "0",
 	})
+}
+
+// A client that stops reading makes the proxy's writes block; the upstream
+// is not idle meanwhile, so the stream must survive the pause and complete.
+func TestSlowClientIsNotAnIdleUpstream(t *testing.T) {
+	const size = 32 << 20 // far more than the loopback socket buffers hold
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		w.Write(bytes.Repeat([]byte("z"), size))
+	}))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = 300 * time.Millisecond
+	p := startProxy(t, cfg, testTuning)
+	res, err := testClient(t).Get(p.url + "/v1/files/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * cfg.Timeout) // the client stops reading, the proxy's write blocks
+	n, err := io.Copy(io.Discard, res.Body)
+	if err != nil || n != size-1024 {
+		t.Fatalf("read %d more bytes, %v; want the remaining %d", n, err, size-1024)
+	}
+	if l := p.logs.waitRequests(t, 1)[0]; l["error"] != nil {
+		t.Errorf("log line = %v; want no error", l)
+	}
 }

@@ -418,20 +418,20 @@ func (s *server) modifyResponse(res *http.Response) error {
 }
 
 // idleBody cancels the upstream request when no byte arrives for timeout
-// (SPEC: phase 3). Each Read that returns data restarts the timer, so a
-// stream that keeps sending may last for hours.
+// (SPEC: phase 3). The timer runs only while Read waits for the upstream,
+// and restarts with every Read: a stream that keeps sending may last for
+// hours, and a client that is slow to take the bytes (the write blocks)
+// never makes the upstream look idle.
 type idleBody struct {
 	rc      io.ReadCloser
 	x       *exchange
 	metrics *metrics
-	timer   *time.Timer
+	timer   *time.Timer // nil until the first Read
 	timeout time.Duration
 }
 
 func newIdleBody(rc io.ReadCloser, x *exchange, m *metrics, timeout time.Duration) *idleBody {
-	b := &idleBody{rc: rc, x: x, metrics: m, timeout: timeout}
-	b.timer = time.AfterFunc(timeout, b.expire)
-	return b
+	return &idleBody{rc: rc, x: x, metrics: m, timeout: timeout}
 }
 
 func (b *idleBody) expire() { b.x.cancel(errIdleTimeout) }
@@ -440,12 +440,14 @@ func (b *idleBody) expire() { b.x.cancel(errIdleTimeout) }
 // line and reported to ReverseProxy as context.Canceled, which makes it
 // abort the client connection without logging a second, unrelated line.
 func (b *idleBody) Read(p []byte) (int, error) {
-	n, err := b.rc.Read(p)
-	if n > 0 {
+	if b.timer == nil {
+		b.timer = time.AfterFunc(b.timeout, b.expire)
+	} else {
 		b.timer.Reset(b.timeout)
 	}
+	n, err := b.rc.Read(p)
+	b.timer.Stop()
 	if err != nil && err != io.EOF {
-		b.timer.Stop()
 		switch {
 		case b.x.client.Err() != nil:
 			b.x.err = errClientGone
@@ -462,7 +464,9 @@ func (b *idleBody) Read(p []byte) (int, error) {
 }
 
 func (b *idleBody) Close() error {
-	b.timer.Stop()
+	if b.timer != nil {
+		b.timer.Stop()
+	}
 	return b.rc.Close()
 }
 
