@@ -1,0 +1,3 @@
+module oauth-proxy/bench
+
+go 1.26
