@@ -34,26 +34,53 @@ import (
 //     that turns a failure into a JSON error).
 //  6. The body streams through recorder, flushed after every write.
 
-// exchange is the per-request state shared by the ReverseProxy hooks. It is
-// reached through the request context; everything in it is touched only by
-// the request's own handler goroutine, except cancel, which is safe to call
-// from any goroutine.
+// exchange is the per-request state shared by the ReverseProxy hooks, in
+// one allocation. It is the upstream request's context itself (the client's
+// context, cancellable with a cause), so the hooks find it with
+// exchangeFrom. Everything in it is touched only by the request's handler
+// goroutine, except cancel, which any goroutine may call.
 type exchange struct {
-	id         string                  // "req_" + 32 hex digits
-	client     context.Context         // the client connection's context
-	ctx        context.Context         // the upstream request's context
-	cancel     context.CancelCauseFunc // cancels ctx, with a cause
-	attempts   int                     // upstream attempts made
-	upstreamID string                  // upstream "request-id" response header
-	err        error                   // what failed, for the log line
+	context.Context                         // the upstream request's context
+	cancel          context.CancelCauseFunc // cancels it, with a cause
+	client          context.Context         // the client connection's context
+	id              string                  // "req_" + 32 hex digits
+	attempts        int                     // upstream attempts made
+	upstreamID      string                  // upstream "request-id" response header
+	err             error                   // what failed, for the log line
+	rec             recorder                // wraps the client's ResponseWriter
+	resBody         idleBody                // wraps the upstream's response body
+	reqBody         []byte                  // the buffered request body; nil once headers arrived
+	reqReader       bodyReader              // reads reqBody for ReverseProxy
+	reserved        int64                   // bytes of the body budget held
 }
 
 type exchangeKey struct{}
+
+// Value makes the exchange findable from the contexts derived from it.
+func (x *exchange) Value(key any) any {
+	if key == (exchangeKey{}) {
+		return x
+	}
+	return x.Context.Value(key)
+}
 
 func exchangeFrom(ctx context.Context) *exchange {
 	x, _ := ctx.Value(exchangeKey{}).(*exchange)
 	return x
 }
+
+// getBody is the outgoing request's GetBody: a fresh reader of the buffered
+// body for each attempt. io.NopCloser over a *bytes.Reader is a body
+// net/http knows to be in memory, so it sends headers and body in one
+// write.
+func (x *exchange) getBody() (io.ReadCloser, error) {
+	return io.NopCloser(bytes.NewReader(x.reqBody)), nil
+}
+
+// bodyReader is a bytes.Reader with a no-op Close.
+type bodyReader struct{ bytes.Reader }
+
+func (*bodyReader) Close() error { return nil }
 
 // errIdleTimeout is the cancellation cause when a response body stays silent
 // for timeout_secs (SPEC: phase 3, reset by every chunk).
@@ -68,14 +95,14 @@ var errOpaqueTarget = errors.New("request target is not a path")
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	x := &exchange{id: newRequestID(), client: r.Context()}
-	rec := &recorder{ResponseWriter: w}
+	x.rec.ResponseWriter = w
 	start := time.Now()
-	defer s.finish(x, rec, r, start)
+	defer s.finish(x, r, start)
 
 	// A target with no path ("http:foo": a URL without "//") cannot be
 	// joined to upstream_url; sent on, it would be an invalid request line.
 	if r.URL.Opaque != "" {
-		s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest, "request target must be a path", errOpaqueTarget)
+		s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest, "request target must be a path", errOpaqueTarget)
 		return
 	}
 
@@ -89,38 +116,49 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	body, release, err := s.readBody(w, r)
+	var err error
+	x.reqBody, x.reserved, err = s.readBody(w, r)
+	defer func() { s.budget.release(x.reserved) }()
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		switch {
 		case errors.As(err, &tooLarge):
-			s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest,
+			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
 				"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes", err)
 		case isClientGone(r.Context(), err):
 			x.err = err
 		default:
-			s.failRequest(rec, x, http.StatusBadRequest, errInvalidRequest, "cannot read request body: "+err.Error(), err)
+			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest, "cannot read request body: "+err.Error(), err)
 		}
 		return
 	}
-	defer release()
 
 	stripHopByHop(r.Header)
 
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
-	x.ctx, x.cancel = ctx, cancel
-	out := r.WithContext(context.WithValue(ctx, exchangeKey{}, x))
-	out.ContentLength = int64(len(body))
+	x.Context, x.cancel = context.WithCancelCause(r.Context())
+	defer x.cancel(nil)
+	out := r.WithContext(x)
+	out.ContentLength = int64(len(x.reqBody))
 	out.TransferEncoding = nil
-	if len(body) == 0 {
-		out.Body = http.NoBody
-		out.GetBody = nil
-	} else {
-		out.Body = io.NopCloser(bytes.NewReader(body))
-		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	out.Body, out.GetBody = http.NoBody, nil
+	if len(x.reqBody) > 0 {
+		x.reqReader.Reset(x.reqBody)
+		out.Body, out.GetBody = &x.reqReader, x.getBody
 	}
-	s.proxy.ServeHTTP(rec, out)
+	s.proxy.ServeHTTP(&x.rec, out)
+}
+
+// releaseBody drops the buffered request body once the response headers
+// have arrived: no attempt follows, so a long stream need not hold its
+// request's memory or its share of the body budget.
+func (s *server) releaseBody(x *exchange, res *http.Response) {
+	x.reqBody = nil
+	x.reqReader.Reset(nil)
+	if res.Request != nil && res.Request.Body != nil {
+		res.Request.Body = http.NoBody // the attempt's reader; the transport has its own reference
+	}
+	s.budget.release(x.reserved)
+	x.reserved = 0
 }
 
 // finish records the request once, whatever happened: one log line, the
@@ -128,7 +166,8 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 // http.ErrAbortHandler panic with which ReverseProxy leaves a stream that
 // failed after its headers were sent; that panic is passed on so net/http
 // aborts the client connection.
-func (s *server) finish(x *exchange, rec *recorder, r *http.Request, start time.Time) {
+func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
+	rec := &x.rec
 	p := recover()
 	if p != nil && p != http.ErrAbortHandler {
 		// A bug, not a fault of the peers: keep the process up, answer 500
@@ -207,42 +246,33 @@ func isClientGone(ctx context.Context, err error) bool {
 // readBody reads the request body into memory so that every attempt can
 // send the same bytes. It reserves room in the shared body budget first:
 // the declared Content-Length, or max_body_bytes for a chunked body (the
-// unused part is returned once the body is read). release returns the
-// reservation and must be called once the request is done.
-func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, release func(), err error) {
-	noop := func() {}
+// unused part is returned once the body is read). It returns the bytes
+// still reserved, which the caller must release, also after an error.
+func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, reserved int64, err error) {
 	if r.Body == nil || r.Body == http.NoBody {
-		return nil, noop, nil
+		return nil, 0, nil
 	}
 	limit := s.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
 		// Refused before a byte is read, so the client is never sent
 		// 100 Continue and the upstream is never contacted.
-		return nil, noop, &http.MaxBytesError{Limit: limit}
+		return nil, 0, &http.MaxBytesError{Limit: limit}
 	}
-	reserve := r.ContentLength
-	if reserve < 0 {
-		reserve = limit
-	}
-	if err := s.budget.acquire(r.Context(), reserve); err != nil {
-		return nil, noop, err
-	}
-	rd := http.MaxBytesReader(w, r.Body, limit)
 	if r.ContentLength >= 0 {
-		body = make([]byte, r.ContentLength)
-		_, err = io.ReadFull(rd, body)
-	} else {
-		body, err = io.ReadAll(rd)
-		if err == nil {
-			s.budget.release(reserve - int64(len(body)))
-			reserve = int64(len(body))
+		// net/http stops the body at Content-Length, within the limit.
+		if err := s.budget.acquire(r.Context(), r.ContentLength); err != nil {
+			return nil, 0, err
 		}
+		body = make([]byte, r.ContentLength)
+		_, err = io.ReadFull(r.Body, body)
+		return body, r.ContentLength, err
 	}
-	if err != nil {
-		s.budget.release(reserve)
-		return nil, noop, err
+	if err := s.budget.acquire(r.Context(), limit); err != nil {
+		return nil, 0, err
 	}
-	return body, func() { s.budget.release(reserve) }, nil
+	body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	s.budget.release(limit - int64(len(body)))
+	return body, int64(len(body)), err
 }
 
 // hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
@@ -318,7 +348,7 @@ type headerRule struct {
 	key    string // canonical header key
 	mode   HeaderMode
 	value  string   // for append: the configured value as one line
-	values []string // for set: []string{value}, shared and never appended to in place
+	values []string // []string{value}, shared and never appended to in place
 	tokens []string // for append: the configured tokens
 }
 
@@ -345,7 +375,11 @@ func (hr *headerRule) apply(h http.Header) {
 	case HeaderRemove:
 		delete(h, hr.key)
 	case HeaderAppend:
-		h[hr.key] = appendTokens(h[hr.key], hr.value, hr.tokens)
+		if client := h[hr.key]; len(client) > 0 {
+			h[hr.key] = appendTokens(client, hr.value, hr.tokens)
+		} else {
+			h[hr.key] = hr.values
+		}
 	}
 }
 
@@ -411,8 +445,10 @@ func (s *server) modifyResponse(res *http.Response) error {
 		return nil
 	}
 	x.upstreamID = res.Header.Get("Request-Id")
+	s.releaseBody(x, res)
 	if res.Body != nil && res.Body != http.NoBody {
-		res.Body = newIdleBody(res.Body, x, s.metrics, s.cfg.Timeout)
+		x.resBody = idleBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
+		res.Body = &x.resBody
 	}
 	return nil
 }
@@ -428,10 +464,6 @@ type idleBody struct {
 	metrics *metrics
 	timer   *time.Timer // nil until the first Read
 	timeout time.Duration
-}
-
-func newIdleBody(rc io.ReadCloser, x *exchange, m *metrics, timeout time.Duration) *idleBody {
-	return &idleBody{rc: rc, x: x, metrics: m, timeout: timeout}
 }
 
 func (b *idleBody) expire() { b.x.cancel(errIdleTimeout) }
@@ -451,7 +483,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 		switch {
 		case b.x.client.Err() != nil:
 			b.x.err = errClientGone
-		case context.Cause(b.x.ctx) == errIdleTimeout:
+		case context.Cause(b.x) == errIdleTimeout:
 			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
 			b.metrics.streamError(errTimeout)
 		default:
@@ -557,6 +589,19 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		if x != nil {
 			x.attempts = n
 		}
+		if req.GetBody != nil {
+			// Every attempt, the first included, gets a fresh reader: the
+			// transport may still hold the previous one, and it sends a
+			// reader it knows to be in memory in the same write as the
+			// headers.
+			body, err := req.GetBody()
+			if err != nil {
+				return nil, err
+			}
+			attempt := *req
+			attempt.Body = body
+			req = &attempt
+		}
 		res, err := t.next.RoundTrip(req)
 		if err == nil || n >= t.attempts || !isHeaderTimeout(err) {
 			return res, err
@@ -568,22 +613,13 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			pause.Stop()
 			return nil, err
 		}
-		if req.GetBody != nil {
-			body, gerr := req.GetBody()
-			if gerr != nil {
-				return nil, gerr
-			}
-			retry := *req
-			retry.Body = body
-			req = &retry
-		}
 	}
 }
 
 // recorder remembers the status and any write error for the log line and
-// the metrics. It passes everything else through; Unwrap lets
-// http.ResponseController (which ReverseProxy uses to flush after every
-// write) reach the real writer, so streams are never batched.
+// the metrics, and flushes after every write, so each chunk the upstream
+// sends reaches the client at once. Unwrap lets http.ResponseController
+// (which ReverseProxy uses for event streams) reach the real writer.
 type recorder struct {
 	http.ResponseWriter
 	status   int
@@ -611,10 +647,24 @@ func (w *recorder) Write(p []byte) (int, error) {
 		w.status = http.StatusOK
 	}
 	n, err := w.ResponseWriter.Write(p)
+	if err == nil {
+		err = w.flush()
+	}
 	if err != nil && w.writeErr == nil {
 		w.writeErr = err
 	}
 	return n, err
+}
+
+// flush sends what has been written to the client.
+func (w *recorder) flush() error {
+	switch f := w.ResponseWriter.(type) {
+	case interface{ FlushError() error }:
+		return f.FlushError()
+	case http.Flusher:
+		f.Flush()
+	}
+	return nil
 }
 
 func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -1047,3 +1047,46 @@ func TestRetryPauseEndsWhenClientLeaves(t *testing.T) {
 		t.Errorf("log line = %v; want 499 after 1 attempt", l)
 	}
 }
+
+// A request's body is needed only until its response headers arrive (no
+// attempt follows), so a long stream does not hold its share of the budget.
+func TestBodyBudgetReleasedOnceHeadersArrive(t *testing.T) {
+	entered := make(chan string, 2)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: started\n\n")
+		w.(http.Flusher).Flush()
+		entered <- r.URL.Path
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(up.Close)
+	t.Cleanup(func() { close(release) })
+	cfg := testConfig(t, up.URL)
+	cfg.MaxBodyBytes = 1 << 20
+	cfg.Timeout = time.Minute // the first stream stays open, silent, throughout
+	tun := testTuning
+	tun.bodyBudget = 1 << 20 // room for one body at a time
+	p := startProxy(t, cfg, tun)
+	c := testClient(t)
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	for _, path := range []string{"/first", "/second"} {
+		res, err := c.Post(p.url+path, "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		select {
+		case got := <-entered:
+			if got != path {
+				t.Fatalf("upstream got %s; want %s", got, path)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s never reached the upstream: the first stream still holds the body budget", path)
+		}
+	}
+}

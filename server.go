@@ -61,9 +61,13 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 	s.health = healthHandler(s.metrics, time.Now())
 	s.transport = newTransport(cfg, tun)
 	s.proxy = &httputil.ReverseProxy{
-		Rewrite:        s.rewrite,
-		Transport:      &retryTransport{next: s.transport, attempts: tun.attempts, pause: tun.retryPause},
-		FlushInterval:  -1, // flush after every write: SSE events must not wait
+		Rewrite:   s.rewrite,
+		Transport: &retryTransport{next: s.transport, attempts: tun.attempts, pause: tun.retryPause},
+		// recorder flushes after every write, and ReverseProxy itself
+		// flushes event streams and bodies of unknown length at once. An
+		// interval of -1 would add a separate write of the headers alone
+		// (and a goroutine) to every response.
+		FlushInterval:  0,
 		BufferPool:     &bufferPool{},
 		ModifyResponse: s.modifyResponse,
 		ErrorHandler:   s.proxyError,
