@@ -262,19 +262,20 @@ func (m *metrics) writePrometheus(b *bytes.Buffer) {
 	}
 
 	writeFamilyHeader(b, streamName, streamHelp, "counter")
-	for _, t := range streamErrorOrder {
-		b.WriteString(streamName)
-		writeLabel(b, '{', "error_type", errorTypeLabels[t])
-		b.WriteString("} ")
-		writeUint(b, m.streamErrors[t].Load())
-	}
+	writeErrorSeries(b, streamName, streamErrorOrder[:], &m.streamErrors)
 
 	writeFamilyHeader(b, errorsName, errorsHelp, "counter")
-	for _, t := range errorTypeOrder {
-		b.WriteString(errorsName)
+	writeErrorSeries(b, errorsName, errorTypeOrder[:], &m.upstreamErrors)
+}
+
+// writeErrorSeries appends one name{error_type="..."} line for each type in
+// order, zeros included.
+func writeErrorSeries(b *bytes.Buffer, name string, order []errorType, counts *[numErrorTypes]atomic.Uint64) {
+	for _, t := range order {
+		b.WriteString(name)
 		writeLabel(b, '{', "error_type", errorTypeLabels[t])
 		b.WriteString("} ")
-		writeUint(b, m.upstreamErrors[t].Load())
+		writeUint(b, counts[t].Load())
 	}
 }
 
