@@ -1046,3 +1046,43 @@ func TestSlowClientIsNotAnIdleUpstream(t *testing.T) {
 		t.Errorf("log line = %v; want no error", l)
 	}
 }
+
+// A client that sends part of its body and then goes quiet is answered 400
+// after timeout_secs, releases its slot and body budget, and is never
+// forwarded.
+func TestStalledRequestBodyTimesOut(t *testing.T) {
+	u := newEchoUpstream(t)
+	cfg := testConfig(t, u.URL)
+	cfg.Timeout = 300 * time.Millisecond
+	cfg.MaxConnections = 1
+	p := startProxy(t, cfg, testTuning)
+	for _, framing := range []string{"Content-Length: 100\r\n", "Transfer-Encoding: chunked\r\n"} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		part := "abc"
+		if strings.HasPrefix(framing, "Transfer") {
+			part = "3\r\nabc\r\n"
+		}
+		io.WriteString(c, "POST /v1/messages HTTP/1.1\r\nHost: x\r\n"+framing+"\r\n"+part)
+		res, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("%s: no response to a stalled body: %v\n%s", framing, err, p.logs.String())
+		}
+		e := readError(t, res, http.StatusBadRequest)
+		if e.Error.Message != "request body stalled: no data for 300ms" {
+			t.Errorf("message = %q", e.Error.Message)
+		}
+	}
+	if u.hits.Load() != 0 {
+		t.Error("a stalled request reached the upstream")
+	}
+	// The one slot and the budget are free again.
+	send(t, p, u, "POST", "/v1/after", nil)
+	if p.srv.budget.free != testTuning.bodyBudget {
+		t.Errorf("body budget %d free; want all %d", p.srv.budget.free, testTuning.bodyBudget)
+	}
+}

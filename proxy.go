@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/textproto"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -125,6 +126,9 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		case errors.As(err, &tooLarge):
 			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
 				"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes", err)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
+				"request body stalled: no data for "+formatSeconds(s.cfg.Timeout), err)
 		case isClientGone(r.Context(), err):
 			x.err = err
 		default:
@@ -258,21 +262,49 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, 
 		// 100 Continue and the upstream is never contacted.
 		return nil, 0, &http.MaxBytesError{Limit: limit}
 	}
+	// A client that stops sending its body for timeout_secs is given up
+	// on: a stalled upload must not hold a slot and its share of the body
+	// budget for ever (there is no ReadTimeout, which would cut streams).
+	rc := http.NewResponseController(w)
+	defer func() {
+		if err == nil {
+			rc.SetReadDeadline(time.Time{}) // the connection lives on
+		} else {
+			// net/http would wait to drain the rest of the body before
+			// answering; a failed body is not drained, the connection
+			// closes after the answer.
+			rc.SetReadDeadline(time.Unix(1, 0))
+		}
+	}()
+	src := &stallReader{r: r.Body, rc: rc, timeout: s.cfg.Timeout}
 	if r.ContentLength >= 0 {
 		// net/http stops the body at Content-Length, within the limit.
 		if err := s.budget.acquire(r.Context(), r.ContentLength); err != nil {
 			return nil, 0, err
 		}
 		body = make([]byte, r.ContentLength)
-		_, err = io.ReadFull(r.Body, body)
+		_, err = io.ReadFull(src, body)
 		return body, r.ContentLength, err
 	}
 	if err := s.budget.acquire(r.Context(), limit); err != nil {
 		return nil, 0, err
 	}
-	body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	body, err = io.ReadAll(http.MaxBytesReader(w, io.NopCloser(src), limit))
 	s.budget.release(limit - int64(len(body)))
 	return body, int64(len(body)), err
+}
+
+// stallReader moves the client connection's read deadline timeout ahead of
+// every Read of the request body.
+type stallReader struct {
+	r       io.Reader
+	rc      *http.ResponseController
+	timeout time.Duration
+}
+
+func (sr *stallReader) Read(p []byte) (int, error) {
+	sr.rc.SetReadDeadline(time.Now().Add(sr.timeout))
+	return sr.r.Read(p)
 }
 
 // hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
