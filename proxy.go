@@ -109,13 +109,19 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 
 	// Take a slot before reading the body (SPEC: Concurrency). A client that
 	// gives up while waiting is dropped without a response.
+	waited := false
 	select {
 	case s.slots <- struct{}{}:
-		defer func() { <-s.slots }()
-	case <-r.Context().Done():
-		x.err = errClientGone
-		return
+	default:
+		waited = true
+		select {
+		case s.slots <- struct{}{}:
+		case <-r.Context().Done():
+			x.err = errClientGone
+			return
+		}
 	}
+	defer func() { <-s.slots }()
 
 	var err error
 	x.reqBody, x.reserved, err = s.readBody(w, r)
@@ -137,6 +143,14 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	// net/http notices a client's disconnect only once the body has been
+	// read, so a client that gave up while its request waited for a slot
+	// is seen just now: give that notice a moment before sending upstream.
+	if waited && clientLeft(r.Context()) {
+		x.err = errClientGone
+		return
+	}
+
 	stripHopByHop(r.Header)
 
 	x.Context, x.cancel = context.WithCancelCause(r.Context())
@@ -150,6 +164,19 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		out.Body, out.GetBody = &x.reqReader, x.getBody
 	}
 	s.proxy.ServeHTTP(&x.rec, out)
+}
+
+// clientLeft reports whether ctx, the client connection's context, ends
+// within a millisecond.
+func clientLeft(ctx context.Context) bool {
+	t := time.NewTimer(time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // releaseBody drops the buffered request body once the response headers
