@@ -1141,3 +1141,45 @@ func waitQueuedSlot(t testing.TB, p *testProxy) {
 	}
 	t.Fatal("the slot was never taken")
 }
+
+// An upstream that accepts the request but stops reading its body would
+// hold it before any response timeout starts; the proxy gives up after
+// timeout_secs without progress: 504, not retried.
+func TestUpstreamThatStopsReadingTheBody(t *testing.T) {
+	lc := net.ListenConfig{Control: func(network, address string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { // a small window: the body cannot hide in buffers
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		})
+	}}
+	ln, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var accepted atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			t.Cleanup(func() { c.Close() }) // never reads
+		}
+	}()
+	cfg := testConfig(t, "http://"+ln.Addr().String())
+	cfg.Timeout = 300 * time.Millisecond
+	p := startProxy(t, cfg, testTuning)
+	body := bytes.Repeat([]byte("x"), 10<<20)
+	res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := readError(t, res, http.StatusGatewayTimeout)
+	if e.Error.Message != "upstream stopped reading the request body for 300ms" {
+		t.Errorf("message = %q", e.Error.Message)
+	}
+	if n := accepted.Load(); n != 1 {
+		t.Errorf("upstream accepted %d connections; want 1 (not retried)", n)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -53,6 +54,8 @@ type exchange struct {
 	reqBody         []byte                  // the buffered request body; nil once headers arrived
 	reqReader       bodyReader              // reads reqBody for ReverseProxy
 	reserved        int64                   // bytes of the body budget held
+	sending         *sendBody               // the current attempt's watched body, if any
+	timeout         time.Duration           // timeout_secs
 }
 
 type exchangeKey struct{}
@@ -71,11 +74,64 @@ func exchangeFrom(ctx context.Context) *exchange {
 }
 
 // getBody is the outgoing request's GetBody: a fresh reader of the buffered
-// body for each attempt. io.NopCloser over a *bytes.Reader is a body
-// net/http knows to be in memory, so it sends headers and body in one
-// write.
+// body for each attempt. A small body is io.NopCloser over a *bytes.Reader,
+// which net/http knows to be in memory and sends in one write with the
+// headers. A larger body may not fit in the socket and HTTP/2 flow-control
+// buffers, so an upstream that stops reading it could hold the request
+// before any of the timeouts starts; its reader watches for that.
 func (x *exchange) getBody() (io.ReadCloser, error) {
-	return io.NopCloser(bytes.NewReader(x.reqBody)), nil
+	r := bytes.NewReader(x.reqBody)
+	if len(x.reqBody) < sendWatchMin {
+		return io.NopCloser(r), nil
+	}
+	sb := &sendBody{Reader: r, x: x}
+	sb.timer = time.AfterFunc(x.timeout, sb.expire)
+	sb.timer.Stop() // armed by each Read: connecting is not stalling
+	x.sending = sb
+	return sb, nil
+}
+
+// sendWatchMin is the body size from which sendBody watches the upload:
+// below it (32 KiB, half the default HTTP/2 stream window) the body is
+// always taken in whole by the kernel or the HTTP/2 window.
+const sendWatchMin = 32 << 10
+
+// errSendStalled is the cancellation cause when the upstream takes no byte
+// of the request body for timeout_secs.
+var errSendStalled = errors.New("upstream stopped reading the request body")
+
+// sendBody is a request body the transport reads from its own goroutine.
+// If timeout_secs pass between two Reads (the write to the upstream is
+// blocked), the exchange is cancelled. Once the response headers arrive
+// the watch ends (done), whatever the transport still writes.
+type sendBody struct {
+	*bytes.Reader
+	x     *exchange
+	timer *time.Timer
+	done  atomic.Bool
+}
+
+func (sb *sendBody) Read(p []byte) (int, error) {
+	n, err := sb.Reader.Read(p)
+	if err != nil || sb.done.Load() {
+		sb.timer.Stop()
+	} else {
+		sb.timer.Reset(sb.x.timeout)
+	}
+	return n, err
+}
+
+func (sb *sendBody) Close() error { sb.stop(); return nil }
+
+func (sb *sendBody) stop() {
+	sb.done.Store(true)
+	sb.timer.Stop()
+}
+
+func (sb *sendBody) expire() {
+	if !sb.done.Load() {
+		sb.x.cancel(errSendStalled)
+	}
 }
 
 // bodyReader is a bytes.Reader with a no-op Close.
@@ -95,7 +151,7 @@ var errOpaqueTarget = errors.New("request target is not a path")
 
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
-	x := &exchange{id: newRequestID(), client: r.Context()}
+	x := &exchange{id: newRequestID(), client: r.Context(), timeout: s.cfg.Timeout}
 	x.rec.ResponseWriter = w
 	start := time.Now()
 	defer s.finish(x, r, start)
@@ -183,6 +239,9 @@ func clientLeft(ctx context.Context) bool {
 // have arrived: no attempt follows, so a long stream need not hold its
 // request's memory or its share of the body budget.
 func (s *server) releaseBody(x *exchange, res *http.Response) {
+	if x.sending != nil {
+		x.sending.stop()
+	}
 	x.reqBody = nil
 	x.reqReader.Reset(nil)
 	if res.Request != nil && res.Request.Body != nil {
@@ -573,6 +632,11 @@ func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		msg := "upstream response timeout after " + formatSeconds(s.cfg.Timeout) +
 			" (" + strconv.Itoa(x.attempts) + " attempts)"
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, err)
+		return
+	}
+	if context.Cause(x) == errSendStalled {
+		msg := "upstream stopped reading the request body for " + formatSeconds(s.cfg.Timeout)
+		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, errSendStalled)
 		return
 	}
 	msg := "upstream connection failed: " + err.Error()
