@@ -32,6 +32,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -157,7 +158,7 @@ func runWith(ctx context.Context, args []string, getenv func(string) string, std
 		if event != Drained {
 			log.Warn("closing connections still open", "event", event.String())
 		}
-		srv.Close() // cuts whatever is still streaming
+		s.cutStreams(srv, time.Second) // whatever is still streaming
 		s.transport.CloseIdleConnections()
 		log.Info("stopped", "event", event.String())
 	}

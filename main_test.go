@@ -510,6 +510,12 @@ func TestSIGTERMDrainTimeoutCutsStreams(t *testing.T) {
 	if !strings.Contains(p.stderr.String(), `"event":"DrainTimeout"`) {
 		t.Errorf("log does not say DrainTimeout:\n%s", p.stderr.String())
 	}
+	// The cut stream still gets its one log line, saying the proxy cut it.
+	lines := p.stderr.requests(t)
+	if len(lines) != 1 || lines[0]["status"] != float64(200) ||
+		lines[0]["error"] != "cut at shutdown: still open when the drain timeout ran out" {
+		t.Errorf("request log lines = %v; want one, status 200, cut at shutdown", lines)
+	}
 }
 
 func TestSecondSignalStopsAtOnce(t *testing.T) {

@@ -146,11 +146,16 @@ var errIdleTimeout = errors.New("upstream stream idle timeout")
 // errClientGone marks requests whose client left before they were proxied.
 var errClientGone = errors.New("client went away")
 
+// errCutAtShutdown marks requests still open when the drain timeout ran out.
+var errCutAtShutdown = errors.New("cut at shutdown: still open when the drain timeout ran out")
+
 // errOpaqueTarget marks requests whose target has no path to forward.
 var errOpaqueTarget = errors.New("request target is not a path")
 
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
+	s.inflight.Add(1)
+	defer s.inflight.Done()
 	x := &exchange{id: newRequestID(), client: r.Context(), timeout: s.cfg.Timeout}
 	x.rec.ResponseWriter = w
 	start := time.Now()
@@ -275,6 +280,15 @@ func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
 
 	status := rec.status
 	gone := x.err != nil && x.client.Err() != nil
+	if gone && s.cutting.Load() {
+		// The proxy closed the connection at the end of the drain; the
+		// client did not leave.
+		gone = false
+		x.err = errCutAtShutdown
+		if status == 0 {
+			status = http.StatusServiceUnavailable // nothing was sent
+		}
+	}
 	switch {
 	case gone || x.err == errClientGone:
 		status = 499 // client closed request; never counted as an error

@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -46,6 +48,8 @@ type server struct {
 	slots     chan struct{} // one token per proxied request in flight
 	budget    *bodyBudget
 	tun       tuning
+	inflight  sync.WaitGroup // proxied requests whose handler has not returned
+	cutting   atomic.Bool    // set once shutdown closes the requests still open
 }
 
 func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
@@ -99,6 +103,22 @@ func newTransport(cfg *Config, tun tuning) *http.Transport {
 			SendPingTimeout: 15 * time.Second, // ping a connection silent this long
 			PingTimeout:     15 * time.Second, // and drop it if the ping goes unanswered
 		},
+	}
+}
+
+// cutStreams closes every connection still open after the drain, and waits
+// up to wait for the cut requests to write their log lines, so that none is
+// lost to the process exiting.
+func (s *server) cutStreams(srv *http.Server, wait time.Duration) {
+	s.cutting.Store(true)
+	srv.Close()
+	done := make(chan struct{})
+	go func() { s.inflight.Wait(); close(done) }()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
 	}
 }
 
