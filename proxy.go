@@ -53,6 +53,7 @@ type exchange struct {
 	resBody         idleBody                // wraps the upstream's response body
 	reqBody         []byte                  // the buffered request body; nil once headers arrived
 	reqReader       bodyReader              // reads reqBody for ReverseProxy
+	stall           stallReader             // reads the client's body with a deadline
 	reserved        int64                   // bytes of the body budget held
 	sending         *sendBody               // the current attempt's watched body, if any
 	timeout         time.Duration           // timeout_secs
@@ -185,7 +186,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	defer func() { <-s.slots }()
 
 	var err error
-	x.reqBody, x.reserved, err = s.readBody(w, r)
+	x.reqBody, x.reserved, err = s.readBody(x, w, r)
 	defer func() { s.budget.release(x.reserved) }()
 	if err != nil {
 		var tooLarge *http.MaxBytesError
@@ -352,7 +353,7 @@ func isClientGone(ctx context.Context, err error) bool {
 // the declared Content-Length, or max_body_bytes for a chunked body (the
 // unused part is returned once the body is read). It returns the bytes
 // still reserved, which the caller must release, also after an error.
-func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, reserved int64, err error) {
+func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request) (body []byte, reserved int64, err error) {
 	if r.Body == nil || r.Body == http.NoBody {
 		return nil, 0, nil
 	}
@@ -365,18 +366,19 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, 
 	// A client that stops sending its body for timeout_secs is given up
 	// on: a stalled upload must not hold a slot and its share of the body
 	// budget for ever (there is no ReadTimeout, which would cut streams).
-	rc := http.NewResponseController(w)
+	src := &x.stall
+	*src = stallReader{r: r.Body, timeout: s.cfg.Timeout}
+	src.conn, _ = w.(readDeadliner)
 	defer func() {
 		if err == nil {
-			rc.SetReadDeadline(time.Time{}) // the connection lives on
+			src.setDeadline(time.Time{}) // the connection lives on
 		} else {
 			// net/http would wait to drain the rest of the body before
 			// answering; a failed body is not drained, the connection
 			// closes after the answer.
-			rc.SetReadDeadline(time.Unix(1, 0))
+			src.setDeadline(time.Unix(1, 0))
 		}
 	}()
-	src := &stallReader{r: r.Body, rc: rc, timeout: s.cfg.Timeout}
 	if r.ContentLength >= 0 {
 		// net/http stops the body at Content-Length, within the limit.
 		if err := s.budget.acquire(r.Context(), r.ContentLength); err != nil {
@@ -398,12 +400,22 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (body []byte, 
 // every Read of the request body.
 type stallReader struct {
 	r       io.Reader
-	rc      *http.ResponseController
+	conn    readDeadliner // nil if the ResponseWriter cannot set one
 	timeout time.Duration
 }
 
+// readDeadliner is net/http's HTTP/1 ResponseWriter, which sets the client
+// connection's read deadline.
+type readDeadliner interface{ SetReadDeadline(time.Time) error }
+
+func (sr *stallReader) setDeadline(t time.Time) {
+	if sr.conn != nil {
+		sr.conn.SetReadDeadline(t)
+	}
+}
+
 func (sr *stallReader) Read(p []byte) (int, error) {
-	sr.rc.SetReadDeadline(time.Now().Add(sr.timeout))
+	sr.setDeadline(time.Now().Add(sr.timeout))
 	return sr.r.Read(p)
 }
 
