@@ -26,8 +26,9 @@ import (
 //  1. serveProxy gives it a request ID and a status-recording writer, and
 //     defers finish, which writes the one log line and the metrics.
 //  2. It waits for a concurrency slot (max_connections).
-//  3. readBody reads the whole body into memory, bounded by max_body_bytes
-//     and by the shared body budget, so that a retry can replay it.
+//  3. readBody reads the whole body into memory, bounded by max_body_bytes,
+//     by the shared body budget and by a stall deadline, so that a retry
+//     can replay it; modifyResponse releases it once headers arrive.
 //  4. stripHopByHop removes hop-by-hop and forwarding headers from the
 //     client's request, before ReverseProxy sees it.
 //  5. ReverseProxy calls rewrite (upstream URL, raw query, injected
@@ -40,7 +41,9 @@ import (
 // one allocation. It is the upstream request's context itself (the client's
 // context, cancellable with a cause), so the hooks find it with
 // exchangeFrom. Everything in it is touched only by the request's handler
-// goroutine, except cancel, which any goroutine may call.
+// goroutine, except cancel, which timer goroutines call, and timeout, which
+// the transport's goroutine reads (sendBody); both are set before either
+// starts.
 type exchange struct {
 	context.Context                         // the upstream request's context
 	cancel          context.CancelCauseFunc // cancels it, with a cause
