@@ -53,6 +53,11 @@ func newRawUpstream(t testing.TB, serve func(c *net.TCPConn, br *bufio.Reader)) 
 	if err != nil {
 		t.Fatal(err)
 	}
+	return newRawUpstreamOn(t, ln, serve)
+}
+
+// newRawUpstreamOn is newRawUpstream on a listener of the caller's.
+func newRawUpstreamOn(t testing.TB, ln net.Listener, serve func(c *net.TCPConn, br *bufio.Reader)) *rawUpstream {
 	u := &rawUpstream{addr: ln.Addr().String()}
 	var (
 		wg    sync.WaitGroup
@@ -82,6 +87,12 @@ func newRawUpstream(t testing.TB, serve func(c *net.TCPConn, br *bufio.Reader)) 
 		wg.Wait()
 	})
 	return u
+}
+
+// silent is a rawUpstream behaviour: accept, then never read or write
+// until the test ends.
+func silent(t testing.TB) func(*net.TCPConn, *bufio.Reader) {
+	return func(*net.TCPConn, *bufio.Reader) { <-t.Context().Done() }
 }
 
 // url is the upstream_url of a rawUpstream.
@@ -1155,19 +1166,8 @@ func TestUpstreamThatStopsReadingTheBody(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	var accepted atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			accepted.Add(1)
-			t.Cleanup(func() { c.Close() }) // never reads
-		}
-	}()
-	cfg := testConfig(t, "http://"+ln.Addr().String())
+	u := newRawUpstreamOn(t, ln, silent(t))
+	cfg := testConfig(t, u.url())
 	cfg.Timeout = 300 * time.Millisecond
 	p := startProxy(t, cfg, testTuning)
 	body := bytes.Repeat([]byte("x"), 10<<20)
@@ -1179,7 +1179,7 @@ func TestUpstreamThatStopsReadingTheBody(t *testing.T) {
 	if e.Error.Message != "upstream stopped reading the request body for 300ms" {
 		t.Errorf("message = %q", e.Error.Message)
 	}
-	if n := accepted.Load(); n != 1 {
+	if n := u.accepted.Load(); n != 1 {
 		t.Errorf("upstream accepted %d connections; want 1 (not retried)", n)
 	}
 }

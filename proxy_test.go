@@ -620,25 +620,10 @@ func TestClosedPortIs502(t *testing.T) {
 func TestTLSHandshakeTimeoutIs502NotRetried(t *testing.T) {
 	// A TCP server that accepts and never speaks TLS: the handshake times
 	// out, which is a connection failure.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	var accepted atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			accepted.Add(1)
-			t.Cleanup(func() { c.Close() })
-		}
-	}()
+	u := newRawUpstream(t, silent(t))
 	tun := testTuning
 	tun.tlsTimeout = 300 * time.Millisecond
-	p := startProxy(t, testConfig(t, "https://"+ln.Addr().String()), tun)
+	p := startProxy(t, testConfig(t, "https://"+u.addr), tun)
 	res, err := testClient(t).Get(p.url + "/v1/models")
 	if err != nil {
 		t.Fatal(err)
@@ -647,7 +632,7 @@ func TestTLSHandshakeTimeoutIs502NotRetried(t *testing.T) {
 	if !strings.Contains(e.Error.Message, "TLS handshake timeout") {
 		t.Errorf("message = %q; want it to say TLS handshake timeout", e.Error.Message)
 	}
-	if n := accepted.Load(); n != 1 {
+	if n := u.accepted.Load(); n != 1 {
 		t.Errorf("upstream accepted %d connections; want 1 (not retried)", n)
 	}
 }
