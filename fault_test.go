@@ -1091,6 +1091,14 @@ func TestStalledRequestBodyTimesOut(t *testing.T) {
 	if u.hits.Load() != 0 {
 		t.Error("a stalled request reached the upstream")
 	}
+	for _, l := range p.logs.waitRequests(t, 2) {
+		if l["status"] != float64(400) {
+			t.Errorf("log line %v; want status 400", l)
+		}
+	}
+	if got := metricValue(metricsText(t, p), `proxy_requests_total{status="400",method="POST"}`); got != "2" {
+		t.Errorf("400s counted %q; want 2", got)
+	}
 	// The one slot and the budget are free again.
 	send(t, p, u, "POST", "/v1/after", nil)
 	if p.srv.budget.free != testTuning.bodyBudget {

@@ -52,6 +52,7 @@ type exchange struct {
 	attempts        int                     // upstream attempts made
 	upstreamID      string                  // upstream "request-id" response header
 	err             error                   // what failed, for the log line
+	answered        bool                    // the proxy wrote its own error response
 	rec             recorder                // wraps the client's ResponseWriter
 	resBody         idleBody                // wraps the upstream's response body
 	reqBody         []byte                  // the buffered request body; nil once headers arrived
@@ -211,7 +212,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	// net/http notices a client's disconnect only once the body has been
 	// read, so a client that gave up while its request waited for a slot
 	// is seen just now: give that notice a moment before sending upstream.
-	if waited && clientLeft(r.Context()) {
+	if waited && (r.Context().Err() != nil || len(x.reqBody) > 0 && clientLeft(r.Context())) {
 		x.err = errClientGone
 		return
 	}
@@ -283,7 +284,9 @@ func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
 	}
 
 	status := rec.status
-	gone := x.err != nil && x.client.Err() != nil
+	// net/http cancels the client's context on any read error, a stalled
+	// body included: a request the proxy answered itself is not "gone".
+	gone := x.err != nil && x.client.Err() != nil && !x.answered
 	if gone && s.cutting.Load() {
 		// The proxy closed the connection at the end of the drain; the
 		// client did not leave.
@@ -684,6 +687,7 @@ func (s *server) failRequest(w http.ResponseWriter, x *exchange, status int, kin
 
 // writeError writes the JSON error shape of SPEC.md.
 func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg string) {
+	x.answered = true
 	type detail struct {
 		Type      string `json:"type"`
 		Message   string `json:"message"`
