@@ -881,7 +881,8 @@ func checkUpstream(raw string) (*url.URL, string) {
 	case strings.Contains(raw, "#"):
 		return nil, fmt.Sprintf("must not have a fragment (#...), got %s", shown)
 	}
-	if port := u.Port(); port != "" {
+	// u.Port() is "" both for no port and for an empty one ("host:").
+	if port := u.Port(); port != "" || strings.HasSuffix(u.Host, ":") {
 		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
 			return nil, fmt.Sprintf("port must be a number from 1 to 65535, got %s", quote(port))
 		}

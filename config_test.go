@@ -330,6 +330,8 @@ func rejectedUpstream() []rejectedCase {
 		{"empty query", upstream("https://api.anthropic.com?"), `test.toml:3: proxy.upstream_url must not have a query (the client's query is sent), got "https://api.anthropic.com?"`},
 		{"fragment", upstream("https://api.anthropic.com/#top"), `test.toml:3: proxy.upstream_url must not have a fragment (#...), got "https://api.anthropic.com/#top"`},
 		{"empty fragment", upstream("https://api.anthropic.com#"), `test.toml:3: proxy.upstream_url must not have a fragment (#...), got "https://api.anthropic.com#"`},
+		{"empty port", upstream("https://127.0.0.1:"), `test.toml:3: proxy.upstream_url port must be a number from 1 to 65535, got ""`},
+		{"empty port after IPv6", upstream("https://[::1]:/v1"), `test.toml:3: proxy.upstream_url port must be a number from 1 to 65535, got ""`},
 		{"port zero", upstream("https://api.anthropic.com:0"), `test.toml:3: proxy.upstream_url port must be a number from 1 to 65535, got "0"`},
 		{"port too large", upstream("https://api.anthropic.com:99999"), `test.toml:3: proxy.upstream_url port must be a number from 1 to 65535, got "99999"`},
 		{"space in host", upstream("https://api anthropic.com"), `test.toml:3: proxy.upstream_url must be a valid URL, got "https://api anthropic.com" (invalid character " " in host name)`},

@@ -161,8 +161,9 @@ func (b *logBuffer) waitRequests(t testing.TB, n int) []map[string]any {
 	}
 }
 
-// errorBody is the JSON error shape of SPEC.md.
+// errorBody is the JSON error shape of SPEC.md, the API's envelope.
 type errorBody struct {
+	Type  string `json:"type"`
 	Error struct {
 		Type      string `json:"type"`
 		Message   string `json:"message"`
@@ -188,13 +189,24 @@ func readError(t testing.TB, res *http.Response, status int) errorBody {
 	if err := dec.Decode(&e); err != nil {
 		t.Fatalf("error body does not decode: %v", err)
 	}
-	if e.Error.Type != "proxy_error" {
-		t.Errorf("error.type = %q; want proxy_error", e.Error.Type)
+	if e.Type != "error" {
+		t.Errorf("type = %q; want error (the API's envelope)", e.Type)
+	}
+	if want := proxyErrorType(status); e.Error.Type != want {
+		t.Errorf("error.type = %q; want %s", e.Error.Type, want)
 	}
 	if !isRequestID(e.Error.RequestID) {
 		t.Errorf("error.request_id = %q; want req_ and 32 lowercase hex digits", e.Error.RequestID)
 	}
 	return e
+}
+
+// proxyErrorType is the error.type SPEC.md gives a proxy error with status.
+func proxyErrorType(status int) string {
+	if status == http.StatusRequestEntityTooLarge {
+		return "request_too_large"
+	}
+	return "proxy_error"
 }
 
 func isRequestID(s string) bool {

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/textproto"
 	"os"
@@ -38,15 +39,17 @@ import (
 //  6. The body streams through recorder, flushed after every write.
 
 // exchange is the per-request state shared by the ReverseProxy hooks, in
-// one allocation. It is the upstream request's context itself (the client's
-// context, cancellable with a cause), so the hooks find it with
-// exchangeFrom. Everything in it is touched only by the request's handler
-// goroutine, except cancel, which timer goroutines call, and timeout, which
-// the transport's goroutine reads (sendBody); both are set before either
+// one allocation. It is the outgoing request's context itself (wrapping
+// the client's), so the hooks find it with exchangeFrom; each upstream
+// attempt derives a context of its own from it, cancellable with a cause.
+// Everything in it is touched only by the request's handler goroutine,
+// except cancel, which timer goroutines call, and timeout, which the
+// transport's goroutine reads (sendBody); both are set before either
 // starts.
 type exchange struct {
-	context.Context                         // the upstream request's context
-	cancel          context.CancelCauseFunc // cancels it, with a cause
+	context.Context                         // the client's request context
+	attempt         context.Context         // the current upstream attempt's context; nil before the first
+	cancel          context.CancelCauseFunc // cancels attempt, with a cause
 	client          context.Context         // the client connection's context
 	id              string                  // "req_" + 32 hex digits
 	attempts        int                     // upstream attempts made
@@ -61,6 +64,8 @@ type exchange struct {
 	reserved        int64                   // bytes of the body budget held
 	sending         *sendBody               // the current attempt's watched body, if any
 	timeout         time.Duration           // timeout_secs
+	headerTimeout   time.Duration           // phase 2: the wait for response headers
+	maxAttempts     int                     // attempts a phase-2 timeout allows
 }
 
 type exchangeKey struct{}
@@ -89,7 +94,7 @@ func (x *exchange) getBody() (io.ReadCloser, error) {
 	if len(x.reqBody) < sendWatchMin {
 		return io.NopCloser(r), nil
 	}
-	sb := &sendBody{Reader: r, x: x}
+	sb := &sendBody{Reader: r, x: x, cancel: x.cancel}
 	sb.timer = time.AfterFunc(x.timeout, sb.expire)
 	sb.timer.Stop() // armed by each Read: connecting is not stalling
 	x.sending = sb
@@ -111,9 +116,10 @@ var errSendStalled = errors.New("upstream stopped reading the request body")
 // the watch ends (done), whatever the transport still writes.
 type sendBody struct {
 	*bytes.Reader
-	x     *exchange
-	timer *time.Timer
-	done  atomic.Bool
+	x      *exchange
+	cancel context.CancelCauseFunc // the attempt's
+	timer  *time.Timer
+	done   atomic.Bool
 }
 
 func (sb *sendBody) Read(p []byte) (int, error) {
@@ -135,7 +141,7 @@ func (sb *sendBody) stop() {
 
 func (sb *sendBody) expire() {
 	if !sb.done.Load() {
-		sb.x.cancel(errSendStalled)
+		sb.cancel(errSendStalled)
 	}
 }
 
@@ -196,7 +202,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		var tooLarge *http.MaxBytesError
 		switch {
 		case errors.As(err, &tooLarge):
-			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
+			s.failRequest(&x.rec, x, http.StatusRequestEntityTooLarge, errInvalidRequest,
 				"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes", err)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
@@ -217,10 +223,15 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	x.headerTimeout, x.maxAttempts = s.phase2(r, x.reqBody)
 	stripHopByHop(r.Header)
 
-	x.Context, x.cancel = context.WithCancelCause(r.Context())
-	defer x.cancel(nil)
+	x.Context = r.Context()
+	defer func() {
+		if x.cancel != nil {
+			x.cancel(nil) // the last attempt's context; the others are cancelled already
+		}
+	}()
 	out := r.WithContext(x)
 	out.ContentLength = int64(len(x.reqBody))
 	out.TransferEncoding = nil
@@ -633,7 +644,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 		switch {
 		case b.x.client.Err() != nil:
 			b.x.err = errClientGone
-		case context.Cause(b.x) == errIdleTimeout:
+		case context.Cause(b.x.attempt) == errIdleTimeout:
 			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
 			b.metrics.streamError(errTimeout)
 		default:
@@ -660,13 +671,16 @@ func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		x.err = errClientGone // nothing is written to a gone client
 		return
 	}
-	if isHeaderTimeout(err) {
-		msg := "upstream response timeout after " + formatSeconds(s.cfg.Timeout) +
-			" (" + strconv.Itoa(x.attempts) + " attempts)"
+	if err == errHeaderTimeout {
+		msg := "upstream response timeout after " + formatSeconds(x.headerTimeout) + " (1 attempt)"
+		if x.attempts > 1 {
+			msg = "upstream response timeout after " + formatSeconds(x.headerTimeout) +
+				" (" + strconv.Itoa(x.attempts) + " attempts)"
+		}
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, err)
 		return
 	}
-	if context.Cause(x) == errSendStalled {
+	if x.attempt != nil && context.Cause(x.attempt) == errSendStalled {
 		msg := "upstream stopped reading the request body for " + formatSeconds(s.cfg.Timeout)
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, errSendStalled)
 		return
@@ -685,7 +699,8 @@ func (s *server) failRequest(w http.ResponseWriter, x *exchange, status int, kin
 	s.writeError(w, x, status, msg)
 }
 
-// writeError writes the JSON error shape of SPEC.md.
+// writeError writes the JSON error shape of SPEC.md: the API's own
+// envelope, so the SDKs parse it like an API error.
 func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg string) {
 	x.answered = true
 	type detail struct {
@@ -693,33 +708,28 @@ func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg 
 		Message   string `json:"message"`
 		RequestID string `json:"request_id"`
 	}
-	body, _ := json.Marshal(struct {
+	type envelope struct {
+		Type  string `json:"type"`
 		Error detail `json:"error"`
-	}{detail{"proxy_error", msg, x.id}})
+	}
+	kind := "proxy_error"
+	if status == http.StatusRequestEntityTooLarge {
+		// The API's type for a body over its limit: Claude Code then
+		// advises the user instead of resending without beta features.
+		kind = "request_too_large"
+	}
+	body, _ := json.Marshal(envelope{"error", detail{kind, msg, x.id}})
 	body = append(body, '\n')
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	if status == http.StatusGatewayTimeout {
-		// The proxy already retried; tell the Anthropic SDKs and Claude
-		// Code not to multiply the attempts.
+		// The proxy already retried, or must not retry at all; tell the
+		// Anthropic SDKs and Claude Code not to multiply the attempts.
 		h.Set("X-Should-Retry", "false")
 	}
 	w.WriteHeader(status)
 	w.Write(body)
-}
-
-// isHeaderTimeout reports whether err is the transport's "timeout awaiting
-// response headers" (SPEC: phase 2, the only retried failure), as opposed
-// to a dial or TLS handshake timeout, which are connection failures. Both
-// the HTTP/1 and the HTTP/2 transport report it with this text; a test
-// drives both so a change in net/http cannot go unnoticed.
-func isHeaderTimeout(err error) bool {
-	var te interface{ Timeout() bool }
-	if !errors.As(err, &te) || !te.Timeout() {
-		return false
-	}
-	return strings.HasSuffix(err.Error(), "timeout awaiting response headers")
 }
 
 // formatSeconds prints d as "60s" for whole seconds.
@@ -730,36 +740,25 @@ func formatSeconds(d time.Duration) string {
 	return d.String()
 }
 
-// retryTransport retries a request whose upstream accepted it but sent no
-// response headers within timeout_secs: attempts in all, pause apart, the
-// same body each time (SPEC: Retries). Nothing else is retried.
+// errHeaderTimeout is what an attempt returns when the upstream sent no
+// response headers within the request's phase-2 wait; proxyError and
+// retryTransport recognise it by identity.
+var errHeaderTimeout = errors.New("timeout awaiting response headers")
+
+// retryTransport sends each attempt with its phase-2 timer and retries an
+// attempt whose upstream accepted the request but sent no response headers
+// in time: the exchange's maxAttempts in all, pause apart, the same body
+// each time (SPEC: Retries). Nothing else is retried.
 type retryTransport struct {
-	next     http.RoundTripper
-	attempts int           // 3: the first try and 2 retries
-	pause    time.Duration // 100 ms between attempts
+	next  http.RoundTripper // with no ResponseHeaderTimeout of its own
+	pause time.Duration     // 100 ms between attempts
 }
 
 func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	x := exchangeFrom(req.Context())
 	for n := 1; ; n++ {
-		if x != nil {
-			x.attempts = n
-		}
-		if req.GetBody != nil {
-			// Every attempt, the first included, gets a fresh reader: the
-			// transport may still hold the previous one, and it sends a
-			// reader it knows to be in memory in the same write as the
-			// headers.
-			body, err := req.GetBody()
-			if err != nil {
-				return nil, err
-			}
-			attempt := *req
-			attempt.Body = body
-			req = &attempt
-		}
-		res, err := t.next.RoundTrip(req)
-		if err == nil || n >= t.attempts || !isHeaderTimeout(err) {
+		res, err := t.attempt(x, req, n)
+		if err != errHeaderTimeout || n >= x.maxAttempts {
 			return res, err
 		}
 		pause := time.NewTimer(t.pause)
@@ -770,6 +769,82 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 	}
+}
+
+// attempt sends req once, as attempt n, in a context of its own. Its
+// phase-2 timer starts when the request, body included, has been written,
+// as Transport.ResponseHeaderTimeout's would, and ends when the headers
+// arrive; if it fires first, the attempt is cancelled (over HTTP/1 its
+// connection is closed, over HTTP/2 its stream reset) and errHeaderTimeout
+// returned. A successful attempt's context lives on with the response
+// body.
+func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.Response, error) {
+	ctx, cancel := context.WithCancelCause(req.Context())
+	x.attempts, x.attempt, x.cancel = n, ctx, cancel
+	hw := &headerWait{timeout: x.headerTimeout, cancel: cancel}
+	hw.trace.WroteRequest = hw.wrote
+	out := req.WithContext(httptrace.WithClientTrace(ctx, &hw.trace))
+	if req.GetBody != nil {
+		// Every attempt, the first included, gets a fresh reader: the
+		// transport may still hold the previous one, and it sends a
+		// reader it knows to be in memory in the same write as the
+		// headers.
+		body, err := req.GetBody()
+		if err != nil {
+			cancel(nil)
+			return nil, err
+		}
+		out.Body = body
+	}
+	res, err := t.next.RoundTrip(out)
+	hw.stop()
+	if err != nil {
+		if context.Cause(ctx) == errHeaderTimeout {
+			err = errHeaderTimeout
+		}
+		cancel(nil) // keeps a cause set before
+	}
+	return res, err
+}
+
+// headerWait is one attempt's phase-2 timer. wrote runs on the
+// transport's goroutine, possibly after the headers have arrived; the
+// mutex makes stop final.
+type headerWait struct {
+	trace   httptrace.ClientTrace
+	timeout time.Duration
+	cancel  context.CancelCauseFunc
+	mu      sync.Mutex
+	timer   *time.Timer
+	stopped bool
+}
+
+func (hw *headerWait) wrote(info httptrace.WroteRequestInfo) {
+	if info.Err != nil {
+		return // the attempt fails on its own
+	}
+	hw.mu.Lock()
+	if !hw.stopped {
+		hw.timer = time.AfterFunc(hw.timeout, hw.expire)
+	}
+	hw.mu.Unlock()
+}
+
+func (hw *headerWait) expire() {
+	hw.mu.Lock()
+	if !hw.stopped {
+		hw.cancel(errHeaderTimeout)
+	}
+	hw.mu.Unlock()
+}
+
+func (hw *headerWait) stop() {
+	hw.mu.Lock()
+	hw.stopped = true
+	if hw.timer != nil {
+		hw.timer.Stop()
+	}
+	hw.mu.Unlock()
 }
 
 // recorder remembers the status and any write error for the log line and

@@ -384,7 +384,7 @@ func TestBodyLimit(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			e := readError(t, res, http.StatusBadRequest)
+			e := readError(t, res, http.StatusRequestEntityTooLarge)
 			if e.Error.Message != "request body exceeds 10485760 bytes" {
 				t.Errorf("message = %q", e.Error.Message)
 			}
@@ -398,8 +398,8 @@ func TestBodyLimit(t *testing.T) {
 	if got := metricValue(m, `proxy_upstream_errors_total{error_type="invalid_request"}`); got != "2" {
 		t.Errorf("invalid_request errors = %q; want 2", got)
 	}
-	if got := metricValue(m, `proxy_requests_total{status="400",method="POST"}`); got != "2" {
-		t.Errorf("400s counted %q; want 2", got)
+	if got := metricValue(m, `proxy_requests_total{status="413",method="POST"}`); got != "2" {
+		t.Errorf("413s counted %q; want 2", got)
 	}
 }
 
@@ -560,7 +560,7 @@ func TestHeaderTimeoutRetriedThen504(t *testing.T) {
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		attempts.Add(1)
 		body, _ := io.ReadAll(r.Body)
-		if string(body) != `{"n":1}` {
+		if string(body) != `{"stream":true}` {
 			t.Errorf("attempt %d got body %q", attempts.Load(), body)
 		}
 		<-r.Context().Done() // never answers
@@ -569,7 +569,7 @@ func TestHeaderTimeoutRetriedThen504(t *testing.T) {
 	cfg := testConfig(t, up.URL)
 	cfg.Timeout = 200 * time.Millisecond
 	p := startProxy(t, cfg, testTuning)
-	res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", strings.NewReader(`{"n":1}`))
+	res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", strings.NewReader(`{"stream":true}`))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -840,28 +840,50 @@ func TestRequestIDsAreUnique(t *testing.T) {
 }
 
 func TestHeaderTimeoutDetectedOverHTTP1AndHTTP2(t *testing.T) {
+	// The phase-2 timer is the proxy's own (retryTransport): it must end
+	// each attempt, and be told apart from other failures, over both
+	// transports.
 	for _, h2 := range []bool{false, true} {
+		var protos []string
+		var mu sync.Mutex
+		cancelled := make(chan struct{}, 3)
 		up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			protos = append(protos, r.Proto)
+			mu.Unlock()
 			<-r.Context().Done()
+			cancelled <- struct{}{}
 		}))
 		up.EnableHTTP2 = h2
 		up.StartTLS()
-		tr := newTransport(testConfig(t, up.URL), testTuning)
-		tr.ResponseHeaderTimeout = 100 * time.Millisecond
-		tr.TLSClientConfig = &tls.Config{RootCAs: up.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs}
-		req, _ := http.NewRequest("GET", up.URL, nil)
-		res, err := tr.RoundTrip(req)
-		if err == nil {
-			res.Body.Close()
-			t.Fatalf("h2=%v: got a response", h2)
+		cfg := testConfig(t, up.URL)
+		cfg.Timeout = 200 * time.Millisecond
+		p := startProxy(t, cfg, testTuning)
+		p.srv.transport.TLSClientConfig = &tls.Config{RootCAs: up.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs}
+		res, err := testClient(t).Get(p.url + "/v1/models")
+		if err != nil {
+			t.Fatal(err)
 		}
-		if !isHeaderTimeout(err) {
-			t.Errorf("h2=%v: isHeaderTimeout(%q) = false", h2, err)
+		e := readError(t, res, http.StatusGatewayTimeout)
+		if e.Error.Message != "upstream response timeout after 200ms (3 attempts)" {
+			t.Errorf("h2=%v: message = %q", h2, e.Error.Message)
 		}
-		if h2 && !strings.HasPrefix(err.Error(), "http2:") {
-			t.Errorf("h2=%v: error %q does not come from the HTTP/2 transport", h2, err)
+		for range 3 {
+			select {
+			case <-cancelled:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("h2=%v: an attempt was not cancelled at the upstream", h2)
+			}
 		}
-		tr.CloseIdleConnections()
+		want := "HTTP/1.1"
+		if h2 {
+			want = "HTTP/2.0"
+		}
+		mu.Lock()
+		if diff := cmp.Diff([]string{want, want, want}, protos); diff != "" {
+			t.Errorf("h2=%v: upstream attempts (-want +got):\n%s", h2, diff)
+		}
+		mu.Unlock()
 		up.Close()
 	}
 }
@@ -1073,5 +1095,78 @@ func TestBodyBudgetReleasedOnceHeadersArrive(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatalf("%s never reached the upstream: the first stream still holds the body budget", path)
 		}
+	}
+}
+
+func TestProxyErrorsAsTheSDKsSeeThem(t *testing.T) {
+	// The SDKs and Claude Code act on the status, error.type and
+	// x-should-retry, and parse the body as an API error: every response
+	// the proxy makes itself is compared whole, headers and bytes.
+	never, _ := countingUpstream(t, -1)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+
+	tests := []struct {
+		name     string
+		upstream string
+		request  string
+		status   int
+		message  string
+		header   http.Header // besides Content-Type and Content-Length
+	}{
+		{"request target without a path", never.URL,
+			"GET http:foo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+			http.StatusBadRequest, "request target must be a path", nil},
+		{"body over max_body_bytes", never.URL,
+			"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\nConnection: close\r\n\r\n{\"stream\":false}\n",
+			http.StatusRequestEntityTooLarge, "request body exceeds 16 bytes", nil},
+		{"upstream refuses the connection", "http://" + closed,
+			"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+			http.StatusBadGateway, "upstream connection failed: dial tcp " + closed + ": connect: connection refused", nil},
+		{"streaming request, no headers after 3 attempts", never.URL,
+			"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{\"stream\":true}",
+			http.StatusGatewayTimeout, "upstream response timeout after 100ms (3 attempts)",
+			http.Header{"X-Should-Retry": {"false"}}},
+		{"non-streaming message, no headers within x-stainless-timeout", never.URL,
+			"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Stainless-Timeout: 0.2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+			http.StatusGatewayTimeout, "upstream response timeout after 200ms (1 attempt)",
+			http.Header{"X-Should-Retry": {"false"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := testConfig(t, tt.upstream)
+			cfg.Timeout = 100 * time.Millisecond
+			cfg.MaxBodyBytes = 16
+			p := startProxy(t, cfg, testTuning)
+			res := rawRequest(t, p.addr, tt.request)
+			got, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.StatusCode != tt.status {
+				t.Fatalf("status = %d; want %d (body %q)", res.StatusCode, tt.status, got)
+			}
+			id := p.logs.waitRequests(t, 1)[0]["request_id"].(string)
+			want := `{"type":"error","error":{"type":"` + proxyErrorType(tt.status) + `","message":"` + tt.message +
+				`","request_id":"` + id + `"}}` + "\n"
+			if diff := cmp.Diff(want, string(got)); diff != "" {
+				t.Errorf("body (-want +got):\n%s", diff)
+			}
+			wantHeader := http.Header{}
+			for k, v := range tt.header {
+				wantHeader[k] = v
+			}
+			wantHeader.Set("Content-Type", "application/json")
+			wantHeader.Set("Content-Length", strconv.Itoa(len(want)))
+			res.Header.Del("Date")
+			if diff := cmp.Diff(wantHeader, res.Header); diff != "" {
+				t.Errorf("header (-want +got):\n%s", diff)
+			}
+		})
 	}
 }

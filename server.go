@@ -66,7 +66,7 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 	s.transport = newTransport(cfg, tun)
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:   s.rewrite,
-		Transport: &retryTransport{next: s.transport, attempts: tun.attempts, pause: tun.retryPause},
+		Transport: &retryTransport{next: s.transport, pause: tun.retryPause},
 		// recorder flushes after every write, and ReverseProxy itself
 		// flushes event streams and bodies of unknown length at once. An
 		// interval of -1 would add a separate write of the headers alone
@@ -82,18 +82,19 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 
 // newTransport returns the upstream transport: HTTP/2 to HTTPS upstreams
 // when offered (with pings to detect dead connections), idle connections
-// kept for reuse, no compression of its own, and the first two timeout
-// phases of SPEC.md. There is no overall deadline: streams may last hours.
+// kept for reuse, no compression of its own, and the connect phase of
+// SPEC.md's timeouts. There is no overall deadline: streams may last hours.
 func newTransport(cfg *Config, tun tuning) *http.Transport {
 	dialer := &net.Dialer{
 		Timeout:   tun.connectTimeout,
 		KeepAlive: 30 * time.Second, // TCP keepalives find dead HTTP/1.1 peers
 	}
 	return &http.Transport{
-		Proxy:                  http.ProxyFromEnvironment,
-		DialContext:            dialer.DialContext,
-		TLSHandshakeTimeout:    tun.tlsTimeout,
-		ResponseHeaderTimeout:  cfg.Timeout,
+		Proxy:               http.ProxyFromEnvironment,
+		DialContext:         dialer.DialContext,
+		TLSHandshakeTimeout: tun.tlsTimeout,
+		// No ResponseHeaderTimeout: the wait for headers depends on the
+		// request (phase2), so retryTransport times each attempt itself.
 		ForceAttemptHTTP2:      true,
 		DisableCompression:     true, // no Accept-Encoding added; bytes pass as sent
 		MaxIdleConnsPerHost:    cfg.MaxConnections,

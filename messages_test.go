@@ -1,0 +1,325 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// streamCases are Messages request bodies and whether the proxy must treat
+// them as streaming. They also seed FuzzStreamRequested.
+var streamCases = []struct {
+	name   string
+	body   string
+	stream bool
+}{
+	{"stream true", `{"stream":true}`, true},
+	{"stream true among other keys", `{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[]}`, true},
+	{"white space everywhere", " \r\n\t{ \"stream\" \n:\ttrue } \n", true},
+	{"stream false", `{"model":"m","stream":false}`, false},
+	{"no stream key", `{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}`, false},
+	{"empty object", `{}`, false},
+	{"stream true nested in content", `{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi","stream":true}]}]}`, false},
+	{"stream true nested in an object", `{"metadata":{"stream":true},"stream":false}`, false},
+	{"stream true inside a string", `{"system":"reply with \"stream\": true","max_tokens":1}`, false},
+	{"brackets inside strings", `{"system":"}]}]{[","stream":true}`, true},
+	{"escaped backslash before a quote", `{"a":"\\","stream":true}`, true},
+	{"escaped quote then stream text", `{"a":"\",\"stream\":true,\"b\":\"","c":1}`, false},
+	{"key written with escapes", `{"str\u0065am":true}`, true},
+	{"other key with escapes", `{"a\u0062":true,"stream":true}`, true},
+	{"last duplicate wins, false", `{"stream":true,"stream":false}`, false},
+	{"last duplicate wins, true", `{"stream":false,"stream":true}`, true},
+	{"stream as a string", `{"stream":"true"}`, false},
+	{"stream as a number", `{"stream":1}`, false},
+	{"stream null", `{"stream":null}`, false},
+	{"key differs in case", `{"Stream":true}`, false},
+	{"deep nesting", `{"a":[[[[{"b":[{"stream":true}]}]]]],"c":{"d":{"e":[]}}}`, false},
+	// Not a JSON object: treated as streaming, as before.
+	{"empty body", ``, true},
+	{"not json", `model=claude`, true},
+	{"array", `[{"stream":false}]`, true},
+	{"truncated", `{"stream":false`, true},
+	{"unterminated string", `{"stream":false,"a":"b}`, true},
+	{"trailing garbage", `{"stream":false}x`, true},
+	{"missing value", `{"stream":}`, true},
+	{"missing colon", `{"stream" false}`, true},
+	{"trailing comma", `{"stream":false,}`, true},
+	{"unbalanced nesting", `{"a":[1,2}`, true},
+	{"two objects", `{"stream":false}{"stream":false}`, true},
+}
+
+func TestStreamRequested(t *testing.T) {
+	for _, tt := range streamCases {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := streamRequested([]byte(tt.body)); got != tt.stream {
+				t.Errorf("streamRequested(%q) = %v; want %v", tt.body, got, tt.stream)
+			}
+		})
+	}
+}
+
+// FuzzStreamRequested checks the scanner against encoding/json: for every
+// valid JSON object, the top-level "stream" decides (the last duplicate
+// wins in both); a body that is not valid JSON must not panic.
+func FuzzStreamRequested(f *testing.F) {
+	for _, tt := range streamCases {
+		f.Add([]byte(tt.body))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		got := streamRequested(body)
+		if !json.Valid(body) {
+			return
+		}
+		var top map[string]json.RawMessage
+		if err := json.Unmarshal(body, &top); err != nil || top == nil {
+			// Valid JSON but not an object (null, an array, a string…).
+			if !got {
+				t.Errorf("streamRequested(%q) = false for JSON that is not an object", body)
+			}
+			return
+		}
+		// Keys with invalid UTF-8 or lone surrogates decode to U+FFFD in
+		// encoding/json and are never "stream" in either reading.
+		want := string(bytes.TrimSpace(top["stream"])) == "true"
+		if got != want {
+			t.Errorf("streamRequested(%q) = %v; encoding/json says stream is %v", body, got, want)
+		}
+	})
+}
+
+func TestClientWait(t *testing.T) {
+	tests := []struct {
+		name  string
+		value string // x-stainless-timeout; "" for none
+		want  time.Duration
+	}{
+		{"absent", "", 600 * time.Second},
+		{"SDK default", "600", 600 * time.Second},
+		{"Python float", "600.0", 600 * time.Second},
+		{"fraction", "0.25", 250 * time.Millisecond},
+		{"an hour", "3600", time.Hour},
+		{"beyond a day", "1e12", 24 * time.Hour},
+		{"infinity", "Inf", 24 * time.Hour},
+		{"zero", "0", 600 * time.Second},
+		{"negative", "-5", 600 * time.Second},
+		{"not a number", "ten", 600 * time.Second},
+		{"NaN", "NaN", 600 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			if tt.value != "" {
+				h.Set("X-Stainless-Timeout", tt.value)
+			}
+			if got := clientWait(h); got != tt.want {
+				t.Errorf("clientWait(x-stainless-timeout: %q) = %v; want %v", tt.value, got, tt.want)
+			}
+		})
+	}
+}
+
+// countingUpstream counts requests and answers each after delay with a
+// Messages response; a negative delay never answers.
+func countingUpstream(t testing.TB, delay time.Duration) (*httptest.Server, *atomic.Int64) {
+	var hits atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		io.Copy(io.Discard, r.Body)
+		wait := time.NewTimer(delay) // the time the upstream takes to generate
+		defer wait.Stop()
+		if delay < 0 {
+			wait.Stop()
+		}
+		select {
+		case <-wait.C:
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"type":"message","content":[{"type":"text","text":"done"}]}`)
+	}))
+	t.Cleanup(up.Close)
+	return up, &hits
+}
+
+func TestNonStreamingMessageOutlivesTimeout(t *testing.T) {
+	// The API sends a non-streaming answer's headers only once it is
+	// generated: a call slower than timeout_secs must wait for it, once,
+	// not be generated three times and still fail.
+	up, hits := countingUpstream(t, 600*time.Millisecond)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = 200 * time.Millisecond
+	p := startProxy(t, cfg, testTuning)
+	body := `{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text","text":"hi","stream":true}]}]}`
+	req, _ := http.NewRequest("POST", p.url+"/v1/messages?beta=true", strings.NewReader(body))
+	req.Header.Set("X-Stainless-Timeout", "600")
+	res, err := testClient(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || !strings.Contains(string(got), `"text":"done"`) {
+		t.Fatalf("status %d, body %q; want 200 and the upstream's answer", res.StatusCode, got)
+	}
+	if n := hits.Load(); n != 1 {
+		t.Errorf("upstream generated the answer %d times; want 1", n)
+	}
+	if l := p.logs.waitRequests(t, 1)[0]; l["attempts"] != float64(1) || l["status"] != float64(200) {
+		t.Errorf("log line = %v; want status 200 after 1 attempt", l)
+	}
+}
+
+func TestPhase2TimeoutAndAttempts(t *testing.T) {
+	// An upstream that never answers: how long each request waits for
+	// headers, and how many attempts it gets, depends on what it is.
+	const timeout = 150 * time.Millisecond
+	tests := []struct {
+		name     string
+		method   string
+		path     string
+		body     string
+		wait     string // x-stainless-timeout; "" for none
+		message  string
+		attempts int64
+	}{
+		{"streaming message", "POST", "/v1/messages", `{"stream":true,"messages":[]}`, "0.4",
+			"upstream response timeout after 150ms (3 attempts)", 3},
+		{"non-streaming message waits as long as its client", "POST", "/v1/messages?beta=true", `{"messages":[{"role":"user","content":[{"type":"text","text":"x","stream":true}]}]}`, "0.4",
+			"upstream response timeout after 400ms (1 attempt)", 1},
+		{"non-streaming message, never below timeout_secs", "POST", "/v1/messages", `{"stream":false}`, "0.01",
+			"upstream response timeout after 150ms (1 attempt)", 1},
+		{"unparsable body counts as streaming", "POST", "/v1/messages", `{"stream":false`, "0.4",
+			"upstream response timeout after 150ms (3 attempts)", 3},
+		{"token counting is not a Messages call", "POST", "/v1/messages/count_tokens", `{"messages":[]}`, "0.4",
+			"upstream response timeout after 150ms (3 attempts)", 3},
+		{"batches are not a Messages call", "POST", "/v1/messages/batches", `{"requests":[]}`, "0.4",
+			"upstream response timeout after 150ms (3 attempts)", 3},
+		{"GET is not a Messages call", "GET", "/v1/messages", "", "0.4",
+			"upstream response timeout after 150ms (3 attempts)", 3},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			up, hits := countingUpstream(t, -1)
+			cfg := testConfig(t, up.URL)
+			cfg.Timeout = timeout
+			p := startProxy(t, cfg, testTuning)
+			var body io.Reader
+			if tt.body != "" {
+				body = strings.NewReader(tt.body)
+			}
+			req, _ := http.NewRequest(tt.method, p.url+tt.path, body)
+			if tt.wait != "" {
+				req.Header.Set("X-Stainless-Timeout", tt.wait)
+			}
+			start := time.Now()
+			res, err := testClient(t).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			elapsed := time.Since(start)
+			e := readError(t, res, http.StatusGatewayTimeout)
+			if e.Error.Message != tt.message {
+				t.Errorf("message = %q; want %q", e.Error.Message, tt.message)
+			}
+			if got := res.Header.Get("X-Should-Retry"); got != "false" {
+				t.Errorf("x-should-retry = %q; want false", got)
+			}
+			if n := hits.Load(); n != tt.attempts {
+				t.Errorf("upstream saw %d attempts; want %d", n, tt.attempts)
+			}
+			// A timer never fires early: the wait is at least what the
+			// message says, per attempt.
+			if min := time.Duration(tt.attempts) * parseWait(t, tt.message); elapsed < min {
+				t.Errorf("answered after %v; want at least %v", elapsed, min)
+			}
+			if l := p.logs.waitRequests(t, 1)[0]; l["attempts"] != float64(tt.attempts) || l["status"] != float64(504) {
+				t.Errorf("log line = %v; want status 504 after %d attempts", l, tt.attempts)
+			}
+			checkMetrics(t, p, map[string]string{`proxy_upstream_errors_total{error_type="timeout"}`: "1"})
+		})
+	}
+}
+
+// parseWait returns the duration in "upstream response timeout after D (…)".
+func parseWait(t testing.TB, msg string) time.Duration {
+	t.Helper()
+	s, _ := strings.CutPrefix(msg, "upstream response timeout after ")
+	s, _, _ = strings.Cut(s, " ")
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		t.Fatalf("message %q has no duration: %v", msg, err)
+	}
+	return d
+}
+
+// messagesBody returns a Messages request body of about size bytes, shaped
+// like Claude Code's: a long conversation with escapes in its text, and
+// "stream": true as the last key, so the scanner must cross all of it.
+func messagesBody(size int) []byte {
+	var b bytes.Buffer
+	b.WriteString(`{"model":"claude-sonnet-4-5","max_tokens":32000,"system":[{"type":"text","text":"You are Claude Code.\n"}],"messages":[`)
+	turn := `{"role":"user","content":[{"type":"text","text":"Here is main.go:\n\tfunc main() {\n\t\tfmt.Println(\"hello, \\\"world\\\"\")\n\t}\n` +
+		strings.Repeat("lorem ipsum dolor sit amet ", 20) + `"},{"type":"tool_result","tool_use_id":"toolu_01","content":[{"type":"text","text":"ok","stream":true}]}]},`
+	for b.Len() < size {
+		b.WriteString(turn)
+	}
+	b.WriteString(`{"role":"user","content":"go on"}],"tools":[],"stream":true}`)
+	return b.Bytes()
+}
+
+func TestMessagesBodyIsStreaming(t *testing.T) {
+	body := messagesBody(1 << 20)
+	if !json.Valid(body) || !streamRequested(body) {
+		t.Fatal("the benchmark body is not a valid streaming request")
+	}
+	i := bytes.LastIndex(body, []byte(`"stream":true}`))
+	nonStream := append(body[:i:i], `"stream":false}`...)
+	if streamRequested(nonStream) {
+		t.Fatal("a body whose top-level stream is false counts as streaming")
+	}
+}
+
+// BenchmarkStreamRequested measures the scan of a 1 MiB Messages body that
+// every POST /v1/messages pays, beside two encoding/json baselines in the
+// same run: validating the body, and decoding only its "stream" field.
+func BenchmarkStreamRequested(b *testing.B) {
+	body := messagesBody(1 << 20)
+	b.Run("scan", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			if !streamRequested(body) {
+				b.Fatal("not streaming")
+			}
+		}
+	})
+	b.Run("json.Valid", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			if !json.Valid(body) {
+				b.Fatal("invalid")
+			}
+		}
+	})
+	b.Run("json.Unmarshal", func(b *testing.B) {
+		b.SetBytes(int64(len(body)))
+		b.ReportAllocs()
+		for b.Loop() {
+			var v struct {
+				Stream bool `json:"stream"`
+			}
+			if err := json.Unmarshal(body, &v); err != nil || !v.Stream {
+				b.Fatal("not streaming")
+			}
+		}
+	})
+}
