@@ -198,6 +198,9 @@ func readError(t testing.TB, res *http.Response, status int) errorBody {
 	if !isRequestID(e.Error.RequestID) {
 		t.Errorf("error.request_id = %q; want req_ and 32 lowercase hex digits", e.Error.RequestID)
 	}
+	if got := res.Header.Get("Request-Id"); got != e.Error.RequestID {
+		t.Errorf("request-id header = %q; want the body's request_id %q", got, e.Error.RequestID)
+	}
 	return e
 }
 

@@ -161,6 +161,8 @@ func TestBadInputExitsOneWithOneLine(t *testing.T) {
 		{"port in use", strings.Replace(base, "127.0.0.1:0", taken.Addr().String(), 1), nil, taken.Addr().String()},
 		{"bad scheme", strings.Replace(base, "https://api.anthropic.com", "ftp://api.anthropic.com", 1), nil, ":3: "},
 		{"no host", strings.Replace(base, "https://api.anthropic.com", "https://", 1), nil, ":3: "},
+		{"empty upstream port", strings.Replace(base, "https://api.anthropic.com", "https://127.0.0.1:", 1), nil, ":3: proxy.upstream_url port"},
+		{"empty listen port", strings.Replace(base, `"127.0.0.1:0"`, `"127.0.0.1:"`, 1), nil, ":2: proxy.listen_addr port"},
 		{"timeout zero", strings.Replace(base, "timeout_secs = 5", "timeout_secs = 0", 1), nil, ":4: "},
 		{"timeout string", strings.Replace(base, "timeout_secs = 5", `timeout_secs = "5"`, 1), nil, ":4: "},
 		{"max_connections zero", base + "", nil, ""},
@@ -182,8 +184,8 @@ func TestBadInputExitsOneWithOneLine(t *testing.T) {
 		{"UTF-16", "\xff\xfe[\x00p\x00", nil, "UTF-16"},
 		{"bad LOG_LEVEL", base, map[string]string{"LOG_LEVEL": "loud"}, "LOG_LEVEL"},
 	}
-	tests[7].config = strings.Replace(base, "timeout_secs = 5", "max_connections = 0", 1)
-	tests[7].want = ":4: "
+	tests[9].config = strings.Replace(base, "timeout_secs = 5", "max_connections = 0", 1)
+	tests[9].want = ":4: "
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "missing.toml")

@@ -22,18 +22,32 @@ const defaultClientWait = 600 * time.Second
 // sends is a valid time.Duration. A day is far beyond any real call.
 const maxClientWait = 24 * time.Hour
 
-// phase2 returns how long the upstream may take to send the response
-// headers of r, whose buffered body is body, and how many attempts a
-// timeout of that wait allows. A streaming request and any call other than
-// a Messages request get timeout_secs and the configured retries. A
-// non-streaming Messages request gets as long as its client waits, never
-// less than timeout_secs, and one attempt: its upstream may still be
-// generating, and a retry would generate, and bill, the answer again.
-func (s *server) phase2(r *http.Request, body []byte) (time.Duration, int) {
-	if r.Method != http.MethodPost || r.URL.Path != "/v1/messages" || streamRequested(body) {
-		return s.cfg.Timeout, s.tun.attempts
+// clientMargin is how long before its client would give up the proxy
+// answers a non-streaming Messages request that got no response headers:
+// the client then reads the 504 and its x-should-retry: false, instead of
+// timing out itself and sending the request, to be generated again, anew.
+// The client's clock started before the request arrived; a second covers
+// the trip and the upload.
+const clientMargin = time.Second
+
+// phase2 sets how long the upstream may take to send the response headers
+// of r, which arrived at start (its body buffered in x), and how many
+// attempts a timeout of that wait allows. A streaming request and any call
+// other than a Messages request get timeout_secs and the configured
+// retries. A non-streaming Messages request waits until just before its
+// client would give up, never less than timeout_secs, and gets one
+// attempt: its upstream may still be generating, and a retry would
+// generate, and bill, the answer again.
+func (s *server) phase2(x *exchange, r *http.Request, start time.Time) {
+	x.headerTimeout, x.maxAttempts = s.cfg.Timeout, s.tun.attempts
+	if r.Method != http.MethodPost || r.URL.Path != "/v1/messages" || streamRequested(x.reqBody) {
+		return
 	}
-	return max(clientWait(r.Header), s.cfg.Timeout), 1
+	x.maxAttempts = 1
+	x.clientWait = clientWait(r.Header)
+	if deadline := start.Add(x.clientWait - clientMargin); time.Until(deadline) > s.cfg.Timeout {
+		x.clientDeadline = deadline
+	}
 }
 
 // clientWait returns how long the client said it would wait for the

@@ -64,7 +64,9 @@ type exchange struct {
 	reserved        int64                   // bytes of the body budget held
 	sending         *sendBody               // the current attempt's watched body, if any
 	timeout         time.Duration           // timeout_secs
-	headerTimeout   time.Duration           // phase 2: the wait for response headers
+	headerTimeout   time.Duration           // phase 2: the wait for response headers, from the write
+	clientDeadline  time.Time               // phase 2 lasts at least until then; zero for none
+	clientWait      time.Duration           // the client's own timeout behind clientDeadline
 	maxAttempts     int                     // attempts a phase-2 timeout allows
 }
 
@@ -223,7 +225,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	x.headerTimeout, x.maxAttempts = s.phase2(r, x.reqBody)
+	s.phase2(x, r, start)
 	stripHopByHop(r.Header)
 
 	x.Context = r.Context()
@@ -673,7 +675,11 @@ func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	if err == errHeaderTimeout {
 		msg := "upstream response timeout after " + formatSeconds(x.headerTimeout) + " (1 attempt)"
-		if x.attempts > 1 {
+		switch {
+		case !x.clientDeadline.IsZero():
+			msg = "upstream response timeout: no response headers within the client's " +
+				formatSeconds(x.clientWait) + " timeout (1 attempt)"
+		case x.attempts > 1:
 			msg = "upstream response timeout after " + formatSeconds(x.headerTimeout) +
 				" (" + strconv.Itoa(x.attempts) + " attempts)"
 		}
@@ -723,6 +729,9 @@ func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg 
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
+	// As the API does: the SDKs show it as the error's request ID, and it
+	// finds the request's log line.
+	h.Set("Request-Id", x.id)
 	if status == http.StatusGatewayTimeout {
 		// The proxy already retried, or must not retry at all; tell the
 		// Anthropic SDKs and Claude Code not to multiply the attempts.
@@ -781,7 +790,7 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.Response, error) {
 	ctx, cancel := context.WithCancelCause(req.Context())
 	x.attempts, x.attempt, x.cancel = n, ctx, cancel
-	hw := &headerWait{timeout: x.headerTimeout, cancel: cancel}
+	hw := &headerWait{timeout: x.headerTimeout, deadline: x.clientDeadline, cancel: cancel}
 	hw.trace.WroteRequest = hw.wrote
 	out := req.WithContext(httptrace.WithClientTrace(ctx, &hw.trace))
 	if req.GetBody != nil {
@@ -811,12 +820,13 @@ func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.R
 // transport's goroutine, possibly after the headers have arrived; the
 // mutex makes stop final.
 type headerWait struct {
-	trace   httptrace.ClientTrace
-	timeout time.Duration
-	cancel  context.CancelCauseFunc
-	mu      sync.Mutex
-	timer   *time.Timer
-	stopped bool
+	trace    httptrace.ClientTrace
+	timeout  time.Duration
+	deadline time.Time // the timer runs at least until then
+	cancel   context.CancelCauseFunc
+	mu       sync.Mutex
+	timer    *time.Timer
+	stopped  bool
 }
 
 func (hw *headerWait) wrote(info httptrace.WroteRequestInfo) {
@@ -825,7 +835,7 @@ func (hw *headerWait) wrote(info httptrace.WroteRequestInfo) {
 	}
 	hw.mu.Lock()
 	if !hw.stopped {
-		hw.timer = time.AfterFunc(hw.timeout, hw.expire)
+		hw.timer = time.AfterFunc(max(hw.timeout, time.Until(hw.deadline)), hw.expire)
 	}
 	hw.mu.Unlock()
 }

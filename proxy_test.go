@@ -1132,8 +1132,8 @@ func TestProxyErrorsAsTheSDKsSeeThem(t *testing.T) {
 			http.StatusGatewayTimeout, "upstream response timeout after 100ms (3 attempts)",
 			http.Header{"X-Should-Retry": {"false"}}},
 		{"non-streaming message, no headers within x-stainless-timeout", never.URL,
-			"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Stainless-Timeout: 0.2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-			http.StatusGatewayTimeout, "upstream response timeout after 200ms (1 attempt)",
+			"POST /v1/messages HTTP/1.1\r\nHost: x\r\nX-Stainless-Timeout: 1.2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+			http.StatusGatewayTimeout, "upstream response timeout: no response headers within the client's 1.2s timeout (1 attempt)",
 			http.Header{"X-Should-Retry": {"false"}}},
 	}
 	for _, tt := range tests {
@@ -1163,6 +1163,7 @@ func TestProxyErrorsAsTheSDKsSeeThem(t *testing.T) {
 			}
 			wantHeader.Set("Content-Type", "application/json")
 			wantHeader.Set("Content-Length", strconv.Itoa(len(want)))
+			wantHeader.Set("Request-Id", id)
 			res.Header.Del("Date")
 			if diff := cmp.Diff(wantHeader, res.Header); diff != "" {
 				t.Errorf("header (-want +got):\n%s", diff)
