@@ -61,7 +61,7 @@ func startBenchProxy(b *testing.B, cfg *Config) string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	go hs.Serve(ln)
+	go hs.Serve(s.listen(ln))
 	b.Cleanup(func() {
 		hs.Close()
 		s.transport.CloseIdleConnections()

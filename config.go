@@ -967,6 +967,8 @@ func (p *parser) checkHeaderValue(t *table, rule HeaderRule, v entry, hasValue b
 		return p.errorAt(t.line, "header %s has no value, expected value = \"...\" (mode %q needs one)", quote(rule.Name), rule.Mode)
 	case v.str == "":
 		return p.errorAt(v.line, "headers.value must not be empty for mode %q (use mode = \"remove\" to delete header %s)", rule.Mode, quote(rule.Name))
+	case rule.Mode == HeaderAppend && strings.Trim(v.str, " \t,") == "":
+		return p.errorAt(v.line, "headers.value must hold at least one token for mode \"append\", got %s", quote(v.str))
 	case strings.Trim(v.str, " \t") != v.str:
 		// RFC 9110 section 5.5: a field value has no leading or trailing
 		// whitespace; the upstream would see a value other than the one written.
@@ -997,9 +999,11 @@ func refusedHeader(lower string) string {
 		return "Host is always the upstream's host"
 	case "content-length":
 		return "it is set from the request body"
-	case "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-		"te", "trailer", "transfer-encoding", "upgrade":
-		return "it is a hop-by-hop header, removed before the request is forwarded"
+	}
+	for _, h := range hopHeaders {
+		if strings.EqualFold(h, lower) {
+			return "it is a hop-by-hop header, removed before the request is forwarded"
+		}
 	}
 	return ""
 }

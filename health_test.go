@@ -52,7 +52,7 @@ func TestHealth(t *testing.T) {
 	m.observe("GET", 404, time.Millisecond)
 	m.observe("POST", 502, 5*time.Second)
 	m.observe("POST", 499, time.Second) // a client that left is served, not an error
-	m.upstreamError(errConnection)
+	m.upstreamError(errTypeConnection)
 	const uptime = 90 // seconds the handler has been up when the test starts
 	before := time.Now()
 	start := before.Add(-uptime * time.Second)
@@ -123,7 +123,7 @@ func TestHealthBody(t *testing.T) {
 			m.observe("POST", 200, time.Second)
 		}
 		m.observe("POST", 504, time.Minute)
-		m.upstreamError(errTimeout)
+		m.upstreamError(errTypeTimeout)
 		h := healthHandler(m, time.Now())
 		time.Sleep(90*time.Second + 999*time.Millisecond)
 

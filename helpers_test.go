@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -65,7 +66,7 @@ func startProxy(t testing.TB, cfg *Config, tun tuning) *testProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go hs.Serve(ln)
+	go hs.Serve(s.listen(ln))
 	t.Cleanup(func() {
 		hs.Close()
 		s.transport.CloseIdleConnections()
@@ -268,4 +269,23 @@ func metricValue(text, series string) string {
 		}
 	}
 	return ""
+}
+
+// waitGauge waits until the gauge g reads want: how a test knows that
+// requests have reached a queue.
+func waitGauge(t testing.TB, g *atomic.Int64, want int64) {
+	t.Helper()
+	if !pollGauge(g, func(v int64) bool { return v == want }) {
+		t.Fatalf("gauge reads %d after 5s; want %d", g.Load(), want)
+	}
+}
+
+// pollGauge reports whether the gauge g satisfies ok within 5 s.
+func pollGauge(g *atomic.Int64, ok func(int64) bool) bool {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if ok(g.Load()) {
+			return true
+		}
+	}
+	return false
 }

@@ -115,7 +115,7 @@ func runWith(ctx context.Context, args []string, getenv func(string) string, std
 		return 1
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
+	go func() { serveErr <- srv.Serve(s.listen(ln)) }()
 	step(ListenerReady)
 	log.Info("listening",
 		"version", version,

@@ -60,19 +60,48 @@ func TestStreamRequested(t *testing.T) {
 			if got := streamRequested([]byte(tt.body)); got != tt.stream {
 				t.Errorf("streamRequested(%q) = %v; want %v", tt.body, got, tt.stream)
 			}
+			// The body arrives in pieces: cut it in two at every byte,
+			// and feed it byte by byte.
+			for i := range len(tt.body) + 1 {
+				var sc streamScanner
+				sc.write([]byte(tt.body[:i]))
+				sc.write([]byte(tt.body[i:]))
+				if got := sc.streaming(); got != tt.stream {
+					t.Errorf("fed as %q + %q: streaming() = %v; want %v", tt.body[:i], tt.body[i:], got, tt.stream)
+				}
+			}
+			var sc streamScanner
+			for i := range len(tt.body) {
+				sc.write([]byte{tt.body[i]})
+			}
+			if got := sc.streaming(); got != tt.stream {
+				t.Errorf("fed byte by byte: streaming() = %v; want %v", got, tt.stream)
+			}
 		})
 	}
 }
 
 // FuzzStreamRequested checks the scanner against encoding/json: for every
 // valid JSON object, the top-level "stream" decides (the last duplicate
-// wins in both); a body that is not valid JSON must not panic.
+// wins in both); a body that is not valid JSON must not panic. The body
+// fed in pieces (their sizes taken from cuts) gives the same answer.
 func FuzzStreamRequested(f *testing.F) {
 	for _, tt := range streamCases {
-		f.Add([]byte(tt.body))
+		f.Add([]byte(tt.body), []byte{3, 1, 7})
 	}
-	f.Fuzz(func(t *testing.T, body []byte) {
+	f.Fuzz(func(t *testing.T, body, cuts []byte) {
 		got := streamRequested(body)
+		var sc streamScanner
+		rest := body
+		for _, c := range cuts {
+			n := min(int(c), len(rest))
+			sc.write(rest[:n])
+			rest = rest[n:]
+		}
+		sc.write(rest)
+		if pieces := sc.streaming(); pieces != got {
+			t.Fatalf("streamRequested(%q) = %v, but %v when cut by %v", body, got, pieces, cuts)
+		}
 		if !json.Valid(body) {
 			return
 		}

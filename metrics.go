@@ -14,26 +14,67 @@ import (
 type errorType uint8
 
 const (
-	errTimeout        errorType = iota // label "timeout": 504 after the last phase-2 attempt timed out
-	errConnection                      // label "connection": 502, the upstream could not be reached
-	errInvalidRequest                  // label "invalid_request": 400, e.g. a body over max_body_bytes
+	errTypeTimeout        errorType = iota // label "timeout": 504 after the last phase-2 attempt timed out
+	errTypeConnection                      // label "connection": 502, the upstream could not be reached
+	errTypeInvalidRequest                  // label "invalid_request": 400, 408, 413, 431: the request broke a limit
+	errTypeOverloaded                      // label "overloaded": 503, the proxy refused load it has no room for
 
-	numErrorTypes = 3 // the number of errorType values above
+	numErrorTypes = 4 // the number of errorType values above
 )
 
 // errorTypeOrder lists the errorType values in the exposition order, sorted
 // by their label.
-var errorTypeOrder = [numErrorTypes]errorType{errConnection, errInvalidRequest, errTimeout}
+var errorTypeOrder = [numErrorTypes]errorType{errTypeConnection, errTypeInvalidRequest, errTypeOverloaded, errTypeTimeout}
 
 // streamErrorOrder lists the error_type values of proxy_stream_errors_total,
 // sorted by label: a cut stream is never an invalid request.
-var streamErrorOrder = [...]errorType{errConnection, errTimeout}
+var streamErrorOrder = [...]errorType{errTypeConnection, errTypeTimeout}
 
 // errorTypeLabels maps an errorType to its error_type label value.
 var errorTypeLabels = [numErrorTypes]string{
-	errTimeout:        "timeout",
-	errConnection:     "connection",
-	errInvalidRequest: "invalid_request",
+	errTypeTimeout:        "timeout",
+	errTypeConnection:     "connection",
+	errTypeInvalidRequest: "invalid_request",
+	errTypeOverloaded:     "overloaded",
+}
+
+// waitKind is what a proxied request waits for, the "for" label of
+// proxy_requests_waiting. The constants are in label order.
+type waitKind uint8
+
+const (
+	waitBodyBudget waitKind = iota // "body_budget": room for its body
+	waitSlot                       // "slot": one of max_connections
+	numWaits
+)
+
+var waitLabels = [numWaits]string{waitBodyBudget: "body_budget", waitSlot: "slot"}
+
+// refusal is why the proxy refused a request by one of its own limits, the
+// reason label of proxy_refused_total. The constants are in label order.
+type refusal uint8
+
+const (
+	refuseBodyBudget      refusal = iota // 503: no room for the body within timeout_secs
+	refuseBodyTooLarge                   // 413: over max_body_bytes
+	refuseBodyTooSlow                    // 408: stalled, or under 1 KiB/s
+	refuseStoppedReading                 // 499: the response made no progress for timeout_secs
+	refuseHeadersTooLarge                // 431: over 32 KiB of headers
+	refuseOverloaded                     // 503: memory near its limit
+	refuseTooManyConns                   // 503: over the client connection bound
+	refuseTooManyHeaders                 // 431: over 100 header fields
+	numRefusals
+)
+
+var refusalLabels = [numRefusals]string{
+	refuseBodyBudget:      "body_budget_timeout",
+	refuseBodyTooLarge:    "body_too_large",
+	refuseBodyTooSlow:     "body_too_slow",
+	refuseStoppedReading:  "client_stopped_reading",
+	refuseHeadersTooLarge: "headers_too_large",
+	refuseOverloaded:      "overloaded",
+	refuseTooManyConns:    "too_many_connections",
+	refuseTooManyHeaders:  "too_many_headers",
 }
 
 // methodLabels holds the method label values, sorted by name; the index of a
@@ -154,6 +195,13 @@ type metrics struct {
 	// streamErrors is proxy_stream_errors_total, indexed by errorType
 	// (timeout and connection only).
 	streamErrors [numErrorTypes]atomic.Uint64
+	// The gauges of the proxy's queues and the counter of its refusals
+	// (SPEC: Limits under abuse), kept by their owners.
+	inFlight    atomic.Int64               // proxy_requests_in_flight: proxied requests holding a slot
+	waiting     [numWaits]atomic.Int64     // proxy_requests_waiting{for}
+	bodyBudget  atomic.Int64               // proxy_body_budget_bytes_in_use
+	clientConns atomic.Int64               // proxy_client_connections
+	refused     [numRefusals]atomic.Uint64 // proxy_refused_total{reason}
 	// bufs holds *bytes.Buffer for ServeHTTP: scrapes repeat every few
 	// seconds, and the output size is bounded (1.4 MB if all 9,000 series exist).
 	bufs sync.Pool
@@ -189,12 +237,19 @@ func (m *metrics) upstreamError(t errorType) {
 
 // streamError counts proxy_stream_errors_total{error_type}: a response cut
 // after its headers were sent, because the upstream went silent for
-// timeout_secs (errTimeout) or failed (errConnection). Such a request already
+// timeout_secs (errTypeTimeout) or failed (errTypeConnection). Such a request already
 // has its status, so it is not one of the proxy's own error responses and
 // not in errors_total. Allocation-free; an unknown t is ignored.
 func (m *metrics) streamError(t errorType) {
 	if int(t) < len(m.streamErrors) {
 		m.streamErrors[t].Add(1)
+	}
+}
+
+// refuse counts proxy_refused_total{reason}. Allocation-free.
+func (m *metrics) refuse(r refusal) {
+	if int(r) < len(m.refused) {
+		m.refused[r].Add(1)
 	}
 }
 
@@ -222,14 +277,24 @@ func (m *metrics) errorsTotal() uint64 {
 
 // Metric family names and help texts, in exposition (name) order.
 const (
+	budgetName   = "proxy_body_budget_bytes_in_use"
+	budgetHelp   = "Bytes of the shared request body budget held by buffered bodies."
+	connsName    = "proxy_client_connections"
+	connsHelp    = "Open client connections."
+	refusedName  = "proxy_refused_total"
+	refusedHelp  = "Requests refused by the proxy's own limits, by reason."
 	durationName = "proxy_request_duration_seconds"
 	durationHelp = "Time from receiving a proxied request until its response was finished, in seconds, by final status code."
+	inFlightName = "proxy_requests_in_flight"
+	inFlightHelp = "Proxied requests holding one of max_connections slots."
 	requestsName = "proxy_requests_total"
 	requestsHelp = "Proxied requests by final status code (499: the client left) and method (OTHER: any non-standard method)."
+	waitingName  = "proxy_requests_waiting"
+	waitingHelp  = "Proxied requests waiting, by what for: a slot, or room for their body."
 	streamName   = "proxy_stream_errors_total"
 	streamHelp   = "Proxied responses cut after their headers were sent: timeout (the upstream was silent for timeout_secs), connection (the upstream failed)."
 	errorsName   = "proxy_upstream_errors_total"
-	errorsHelp   = "Error responses generated by the proxy itself: invalid_request (400), connection (502), timeout (504)."
+	errorsHelp   = "Error responses generated by the proxy itself: invalid_request (400, 408, 413, 431), connection (502), overloaded (503), timeout (504)."
 )
 
 // writePrometheus appends every metric to b in the Prometheus text format
@@ -241,10 +306,22 @@ const (
 // Each value is read once, without locks; a histogram's count is the sum of
 // its buckets as read, so its +Inf bucket always equals _count.
 func (m *metrics) writePrometheus(b *bytes.Buffer) {
+	writeFamilyHeader(b, budgetName, budgetHelp, "gauge")
+	writeSample(b, budgetName, "", "", m.bodyBudget.Load())
+	writeFamilyHeader(b, connsName, connsHelp, "gauge")
+	writeSample(b, connsName, "", "", m.clientConns.Load())
+	writeFamilyHeader(b, refusedName, refusedHelp, "counter")
+	for r := range m.refused {
+		writeSample(b, refusedName, "reason", refusalLabels[r], int64(m.refused[r].Load()))
+	}
+
 	writeFamilyHeader(b, durationName, durationHelp, "histogram")
 	for s := range m.durations {
 		m.writeHistogram(b, s)
 	}
+
+	writeFamilyHeader(b, inFlightName, inFlightHelp, "gauge")
+	writeSample(b, inFlightName, "", "", m.inFlight.Load())
 
 	writeFamilyHeader(b, requestsName, requestsHelp, "counter")
 	for s := range m.requests {
@@ -261,11 +338,29 @@ func (m *metrics) writePrometheus(b *bytes.Buffer) {
 		}
 	}
 
+	writeFamilyHeader(b, waitingName, waitingHelp, "gauge")
+	for w := range m.waiting {
+		writeSample(b, waitingName, "for", waitLabels[w], m.waiting[w].Load())
+	}
+
 	writeFamilyHeader(b, streamName, streamHelp, "counter")
 	writeErrorSeries(b, streamName, streamErrorOrder[:], &m.streamErrors)
 
 	writeFamilyHeader(b, errorsName, errorsHelp, "counter")
 	writeErrorSeries(b, errorsName, errorTypeOrder[:], &m.upstreamErrors)
+}
+
+// writeSample appends the line name{label="value"} v, or name v when label
+// is empty.
+func writeSample(b *bytes.Buffer, name, label, value string, v int64) {
+	b.WriteString(name)
+	if label != "" {
+		writeLabel(b, '{', label, value)
+		b.WriteByte('}')
+	}
+	b.WriteByte(' ')
+	b.Write(strconv.AppendInt(b.AvailableBuffer(), v, 10))
+	b.WriteByte('\n')
 }
 
 // writeErrorSeries appends one name{error_type="..."} line for each type in

@@ -47,11 +47,19 @@ func goldenObservations(m *metrics) {
 	m.observe("OPTIONS", 204, 10*time.Millisecond)    // on the 0.01 bound
 	m.observe("PUT", 201, 11*time.Second)             // inside (10, 30]
 	m.observe("PATCH", 201, 500*time.Millisecond)     // on the 0.5 bound
-	m.upstreamError(errInvalidRequest)
-	m.upstreamError(errConnection)
-	m.upstreamError(errTimeout)
-	m.upstreamError(errTimeout)
-	m.streamError(errTimeout)
+	m.upstreamError(errTypeInvalidRequest)
+	m.upstreamError(errTypeConnection)
+	m.upstreamError(errTypeTimeout)
+	m.upstreamError(errTypeTimeout)
+	m.streamError(errTypeTimeout)
+	m.upstreamError(errTypeOverloaded)
+	m.refuse(refuseOverloaded)
+	m.refuse(refuseTooManyHeaders)
+	m.refuse(refuseTooManyHeaders)
+	m.inFlight.Store(3)
+	m.waiting[waitSlot].Store(2)
+	m.bodyBudget.Store(1 << 20)
+	m.clientConns.Store(7)
 }
 
 func TestMetricsGolden(t *testing.T) {
@@ -96,15 +104,27 @@ func TestMetricsStartup(t *testing.T) {
 	for _, f := range fams {
 		got = append(got, fam{f.name, f.typ, f.samplesText()})
 	}
+	var refused strings.Builder
+	for _, r := range refusalLabels {
+		refused.WriteString(`proxy_refused_total{reason="` + r + `"} 0` + "\n")
+	}
 	want := []fam{
+		{"proxy_body_budget_bytes_in_use", "gauge", "proxy_body_budget_bytes_in_use 0\n"},
+		{"proxy_client_connections", "gauge", "proxy_client_connections 0\n"},
+		{"proxy_refused_total", "counter", refused.String()},
 		{"proxy_request_duration_seconds", "histogram", ""},
+		{"proxy_requests_in_flight", "gauge", "proxy_requests_in_flight 0\n"},
 		{"proxy_requests_total", "counter", ""},
+		{"proxy_requests_waiting", "gauge", "" +
+			`proxy_requests_waiting{for="body_budget"} 0` + "\n" +
+			`proxy_requests_waiting{for="slot"} 0` + "\n"},
 		{"proxy_stream_errors_total", "counter", "" +
 			`proxy_stream_errors_total{error_type="connection"} 0` + "\n" +
 			`proxy_stream_errors_total{error_type="timeout"} 0` + "\n"},
 		{"proxy_upstream_errors_total", "counter", "" +
 			`proxy_upstream_errors_total{error_type="connection"} 0` + "\n" +
 			`proxy_upstream_errors_total{error_type="invalid_request"} 0` + "\n" +
+			`proxy_upstream_errors_total{error_type="overloaded"} 0` + "\n" +
 			`proxy_upstream_errors_total{error_type="timeout"} 0` + "\n"},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -194,14 +214,19 @@ func TestMetricsStatusClamp(t *testing.T) {
 	if err != nil {
 		t.Fatalf("parseExposition: %v\n%s", err, b.String())
 	}
+	byName := map[string]int{}
+	for i, f := range fams {
+		byName[f.name] = i
+	}
+	requests, durations := fams[byName[requestsName]], fams[byName[durationName]]
 	want := `proxy_requests_total{status="999",method="GET"} 4` + "\n"
-	if got := fams[1].samplesText(); got != want {
+	if got := requests.samplesText(); got != want {
 		t.Errorf("proxy_requests_total samples = %q; want %q", got, want)
 	}
-	if v, _ := fams[0].value("proxy_request_duration_seconds_sum", "status", "999"); v != 0 {
+	if v, _ := durations.value("proxy_request_duration_seconds_sum", "status", "999"); v != 0 {
 		t.Errorf("proxy_request_duration_seconds_sum{status=\"999\"} = %v; want 0", v)
 	}
-	if v, _ := fams[0].value("proxy_request_duration_seconds_bucket", "status", "999", "le", "0.005"); v != 4 {
+	if v, _ := durations.value("proxy_request_duration_seconds_bucket", "status", "999", "le", "0.005"); v != 4 {
 		t.Errorf("proxy_request_duration_seconds_bucket{status=\"999\",le=\"0.005\"} = %v; want 4", v)
 	}
 }
@@ -376,7 +401,7 @@ func TestMetricsAllocs(t *testing.T) {
 		{"observe", func() { m.observe("POST", 200, 120*time.Millisecond) }},
 		{"observe OTHER", func() { m.observe("PROPFIND", 207, 2*time.Hour) }},
 		{"observe out of range", func() { m.observe("", 0, -1) }},
-		{"upstreamError", func() { m.upstreamError(errTimeout) }},
+		{"upstreamError", func() { m.upstreamError(errTypeTimeout) }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

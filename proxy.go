@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -19,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -58,10 +62,9 @@ type exchange struct {
 	answered        bool                    // the proxy wrote its own error response
 	rec             recorder                // wraps the client's ResponseWriter
 	resBody         idleBody                // wraps the upstream's response body
-	reqBody         []byte                  // the buffered request body; nil once headers arrived
-	reqReader       bodyReader              // reads reqBody for ReverseProxy
-	stall           stallReader             // reads the client's body with a deadline
-	reserved        int64                   // bytes of the body budget held
+	body            requestBody             // the buffered request body; empty once headers arrived
+	upload          uploadReader            // reads the client's body against its deadlines
+	scan            streamScanner           // looks for "stream" in a Messages body
 	sending         *sendBody               // the current attempt's watched body, if any
 	timeout         time.Duration           // timeout_secs
 	headerTimeout   time.Duration           // phase 2: the wait for response headers, from the write
@@ -86,17 +89,20 @@ func exchangeFrom(ctx context.Context) *exchange {
 }
 
 // getBody is the outgoing request's GetBody: a fresh reader of the buffered
-// body for each attempt. A small body is io.NopCloser over a *bytes.Reader,
-// which net/http knows to be in memory and sends in one write with the
-// headers. A larger body may not fit in the socket and HTTP/2 flow-control
-// buffers, so an upstream that stops reading it could hold the request
-// before any of the timeouts starts; its reader watches for that.
+// body for each attempt. A body in one chunk is read through a
+// *bytes.Reader, which net/http knows to be in memory. A larger body may
+// not fit in the socket and HTTP/2 flow-control buffers, so an upstream
+// that stops reading it could hold the request before any of the timeouts
+// starts; its reader watches for that.
 func (x *exchange) getBody() (io.ReadCloser, error) {
-	r := bytes.NewReader(x.reqBody)
-	if len(x.reqBody) < sendWatchMin {
+	var r io.Reader = x.body.reader()
+	if len(x.body.chunks) == 1 {
+		r = bytes.NewReader(x.body.chunks[0])
+	}
+	if x.body.size < sendWatchMin {
 		return io.NopCloser(r), nil
 	}
-	sb := &sendBody{Reader: r, x: x, cancel: x.cancel}
+	sb := &sendBody{r: r, x: x, cancel: x.cancel}
 	sb.timer = time.AfterFunc(x.timeout, sb.expire)
 	sb.timer.Stop() // armed by each Read: connecting is not stalling
 	x.sending = sb
@@ -117,7 +123,7 @@ var errSendStalled = errors.New("upstream stopped reading the request body")
 // blocked), the exchange is cancelled. Once the response headers arrive
 // the watch ends (done), whatever the transport still writes.
 type sendBody struct {
-	*bytes.Reader
+	r      io.Reader
 	x      *exchange
 	cancel context.CancelCauseFunc // the attempt's
 	timer  *time.Timer
@@ -125,7 +131,7 @@ type sendBody struct {
 }
 
 func (sb *sendBody) Read(p []byte) (int, error) {
-	n, err := sb.Reader.Read(p)
+	n, err := sb.r.Read(p)
 	if err != nil || sb.done.Load() {
 		sb.timer.Stop()
 	} else {
@@ -147,11 +153,6 @@ func (sb *sendBody) expire() {
 	}
 }
 
-// bodyReader is a bytes.Reader with a no-op Close.
-type bodyReader struct{ bytes.Reader }
-
-func (*bodyReader) Close() error { return nil }
-
 // errIdleTimeout is the cancellation cause when a response body stays silent
 // for timeout_secs (SPEC: phase 3, reset by every chunk).
 var errIdleTimeout = errors.New("upstream stream idle timeout")
@@ -165,6 +166,9 @@ var errCutAtShutdown = errors.New("cut at shutdown: still open when the drain ti
 // errOpaqueTarget marks requests whose target has no path to forward.
 var errOpaqueTarget = errors.New("request target is not a path")
 
+// errStoppedReading marks a response whose client stopped reading it.
+var errStoppedReading = errors.New("client stopped reading: a response write made no progress")
+
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	s.inflight.Add(1)
@@ -174,58 +178,43 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	defer s.finish(x, r, start)
 
-	// A target with no path ("http:foo": a URL without "//") cannot be
-	// joined to upstream_url; sent on, it would be an invalid request line.
-	if r.URL.Opaque != "" {
-		s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest, "request target must be a path", errOpaqueTarget)
+	// Refuse what the proxy will not take before the request waits for
+	// anything.
+	if !s.admit(x, r) {
 		return
 	}
 
 	// Take a slot before reading the body (SPEC: Concurrency). A client that
 	// gives up while waiting is dropped without a response.
-	waited := false
-	select {
-	case s.slots <- struct{}{}:
-	default:
-		waited = true
-		select {
-		case s.slots <- struct{}{}:
-		case <-r.Context().Done():
-			x.err = errClientGone
-			return
-		}
+	waited, ok := s.takeSlot(r.Context())
+	if !ok {
+		x.err = errClientGone
+		return
 	}
-	defer func() { <-s.slots }()
+	defer s.releaseSlot()
 
-	var err error
-	x.reqBody, x.reserved, err = s.readBody(x, w, r)
-	defer func() { s.budget.release(x.reserved) }()
+	// Read the body into memory, so that a retry can replay it.
+	var scan *streamScanner
+	if isMessagesCall(r) {
+		scan = &x.scan
+	}
+	err := s.readBody(x, w, r, scan)
+	defer s.dropBody(&x.body)
 	if err != nil {
-		var tooLarge *http.MaxBytesError
-		switch {
-		case errors.As(err, &tooLarge):
-			s.failRequest(&x.rec, x, http.StatusRequestEntityTooLarge, errInvalidRequest,
-				"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes", err)
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest,
-				"request body stalled: no data for "+formatSeconds(s.cfg.Timeout), err)
-		case isClientGone(r.Context(), err):
-			x.err = err
-		default:
-			s.failRequest(&x.rec, x, http.StatusBadRequest, errInvalidRequest, "cannot read request body: "+err.Error(), err)
-		}
+		s.bodyFailed(x, r, err)
 		return
 	}
 
-	// net/http notices a client's disconnect only once the body has been
-	// read, so a client that gave up while its request waited for a slot
-	// is seen just now: give that notice a moment before sending upstream.
-	if waited && (r.Context().Err() != nil || len(x.reqBody) > 0 && clientLeft(r.Context())) {
+	// A request whose client has left is never sent upstream. net/http
+	// watches the connection only once the body has been read, so a
+	// client that left while its request waited is seen by peeking at it.
+	waited = waited || x.upload.waited > 0
+	if r.Context().Err() != nil || (waited || x.body.size > 0) && connFrom(r.Context()).gone() {
 		x.err = errClientGone
 		return
 	}
 
-	s.phase2(x, r, start)
+	s.phase2(x, r, start, scan)
 	stripHopByHop(r.Header)
 
 	x.Context = r.Context()
@@ -235,43 +224,135 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	out := r.WithContext(x)
-	out.ContentLength = int64(len(x.reqBody))
+	out.ContentLength = x.body.size
 	out.TransferEncoding = nil
+	out.Trailer = nil // request trailers would escape the header rules
 	out.Body, out.GetBody = http.NoBody, nil
-	if len(x.reqBody) > 0 {
-		x.reqReader.Reset(x.reqBody)
-		out.Body, out.GetBody = &x.reqReader, x.getBody
+	if x.body.size > 0 {
+		// Every attempt takes its reader from GetBody (retryTransport).
+		out.GetBody = x.getBody
 	}
 	s.proxy.ServeHTTP(&x.rec, out)
 }
 
-// clientLeft reports whether ctx, the client connection's context, ends
-// within a millisecond.
-func clientLeft(ctx context.Context) bool {
-	t := time.NewTimer(time.Millisecond)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return true
-	case <-t.C:
+// Limits on a request's headers (SPEC: Server protections): real clients
+// send under 4 KiB in about 20 fields. nginx's default total is 32 KiB,
+// HAProxy's field limit 101.
+const (
+	maxHeaderBytes  = 32 << 10
+	maxHeaderFields = 100
+)
+
+// admit refuses, with its error response, a request the proxy will not
+// take: a target with no path, headers over their limits, a connection
+// past the bound, or any request while memory is near its limit.
+func (s *server) admit(x *exchange, r *http.Request) bool {
+	if r.URL.Opaque != "" {
+		// A target with no path ("http:foo": a URL without "//") cannot
+		// be joined to upstream_url; sent on, it would be an invalid
+		// request line.
+		s.failRequest(&x.rec, x, http.StatusBadRequest, errTypeInvalidRequest, "request target must be a path", errOpaqueTarget)
 		return false
+	}
+	fields, size := headerSize(r)
+	switch {
+	case fields > maxHeaderFields:
+		s.refuse(x, http.StatusRequestHeaderFieldsTooLarge, refuseTooManyHeaders, errTypeInvalidRequest,
+			"request has "+strconv.Itoa(fields)+" header fields, more than "+strconv.Itoa(maxHeaderFields))
+	case size > maxHeaderBytes:
+		s.refuse(x, http.StatusRequestHeaderFieldsTooLarge, refuseHeadersTooLarge, errTypeInvalidRequest,
+			"request headers take "+strconv.Itoa(size)+" bytes, more than "+strconv.Itoa(maxHeaderBytes))
+	case connFrom(r.Context()).overflowed():
+		x.rec.Header().Set("Connection", "close")
+		s.refuse(x, http.StatusServiceUnavailable, refuseTooManyConns, errTypeOverloaded,
+			"proxy overloaded: too many client connections, retry later")
+	case s.guard.overloaded():
+		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
+			"proxy overloaded: memory near its limit, retry later")
+	default:
+		return true
+	}
+	return false
+}
+
+// headerSize returns the number of header fields of r and the bytes its
+// request line and headers took, as sent.
+func headerSize(r *http.Request) (fields, size int) {
+	size = len(r.Method) + 1 + len(r.RequestURI) + 1 + len(r.Proto) + 2
+	if r.Host != "" {
+		fields, size = 1, len("Host: \r\n")+len(r.Host)
+	}
+	for k, vv := range r.Header {
+		for _, v := range vv {
+			fields++
+			size += len(k) + 2 + len(v) + 2
+		}
+	}
+	return fields, size
+}
+
+// takeSlot waits for one of max_connections slots until ctx is done, and
+// reports whether it waited and whether it got one.
+func (s *server) takeSlot(ctx context.Context) (waited, ok bool) {
+	select {
+	case s.slots <- struct{}{}:
+	default:
+		s.metrics.waiting[waitSlot].Add(1)
+		defer s.metrics.waiting[waitSlot].Add(-1)
+		select {
+		case s.slots <- struct{}{}:
+		case <-ctx.Done():
+			return true, false
+		}
+		waited = true
+	}
+	s.metrics.inFlight.Add(1)
+	return waited, true
+}
+
+func (s *server) releaseSlot() {
+	s.metrics.inFlight.Add(-1)
+	<-s.slots
+}
+
+// bodyFailed answers a request whose body could not be read.
+func (s *server) bodyFailed(x *exchange, r *http.Request, err error) {
+	switch {
+	case err == errBodyTooLarge:
+		s.refuse(x, http.StatusRequestEntityTooLarge, refuseBodyTooLarge, errTypeInvalidRequest,
+			"request body exceeds "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes")
+	case err == errBodyStalled, err == errBodyTooSlow:
+		s.refuse(x, http.StatusRequestTimeout, refuseBodyTooSlow, errTypeInvalidRequest, x.upload.message(err))
+	case err == errNoBodyRoom:
+		s.refuse(x, http.StatusServiceUnavailable, refuseBodyBudget, errTypeOverloaded,
+			"proxy overloaded: no room to buffer the request body within "+formatSeconds(s.cfg.Timeout)+", retry later")
+	case err == errOverloaded:
+		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
+			"proxy overloaded: memory near its limit, retry later")
+	case isClientGone(r.Context(), err):
+		x.err = err
+	default:
+		s.failRequest(&x.rec, x, http.StatusBadRequest, errTypeInvalidRequest, "cannot read request body: "+err.Error(), err)
 	}
 }
 
-// releaseBody drops the buffered request body once the response headers
+// refuse answers a request the proxy refuses by one of its own limits.
+func (s *server) refuse(x *exchange, status int, why refusal, kind errorType, msg string) {
+	s.metrics.refuse(why)
+	s.failRequest(&x.rec, x, status, kind, msg, errors.New(msg))
+}
+
+// bodyDone drops the buffered request body once the response headers
 // have arrived: no attempt follows, so a long stream need not hold its
 // request's memory or its share of the body budget.
-func (s *server) releaseBody(x *exchange, res *http.Response) {
+func (s *server) bodyDone(x *exchange, res *http.Response) {
 	if x.sending != nil {
 		x.sending.stop()
 	}
-	x.reqBody = nil
-	x.reqReader.Reset(nil)
 	if res.Request != nil && res.Request.Body != nil {
 		res.Request.Body = http.NoBody // the attempt's reader; the transport has its own reference
 	}
-	s.budget.release(x.reserved)
-	x.reserved = 0
+	s.dropBody(&x.body)
 }
 
 // finish records the request once, whatever happened: one log line, the
@@ -292,14 +373,19 @@ func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
 			p = http.ErrAbortHandler
 		}
 	}
-	if x.err == nil && rec.writeErr != nil {
+	stoppedReading := errors.Is(rec.writeErr, os.ErrDeadlineExceeded) // clientConn's write deadline
+	switch {
+	case stoppedReading:
+		x.err = fmt.Errorf("%w for %s", errStoppedReading, formatSeconds(s.cfg.Timeout))
+		s.metrics.refuse(refuseStoppedReading)
+	case x.err == nil && rec.writeErr != nil:
 		x.err = rec.writeErr
 	}
 
 	status := rec.status
 	// net/http cancels the client's context on any read error, a stalled
 	// body included: a request the proxy answered itself is not "gone".
-	gone := x.err != nil && x.client.Err() != nil && !x.answered
+	gone := stoppedReading || x.err != nil && x.client.Err() != nil && !x.answered
 	if gone && s.cutting.Load() {
 		// The proxy closed the connection at the end of the drain; the
 		// client did not leave.
@@ -367,80 +453,10 @@ func isClientGone(ctx context.Context, err error) bool {
 	return errors.As(err, &ne)
 }
 
-// readBody reads the request body into memory so that every attempt can
-// send the same bytes. It reserves room in the shared body budget first:
-// the declared Content-Length, or max_body_bytes for a chunked body (the
-// unused part is returned once the body is read). It returns the bytes
-// still reserved, which the caller must release, also after an error.
-func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request) (body []byte, reserved int64, err error) {
-	if r.Body == nil || r.Body == http.NoBody {
-		return nil, 0, nil
-	}
-	limit := s.cfg.MaxBodyBytes
-	if r.ContentLength > limit {
-		// Refused before a byte is read, so the client is never sent
-		// 100 Continue and the upstream is never contacted.
-		return nil, 0, &http.MaxBytesError{Limit: limit}
-	}
-	// A client that stops sending its body for timeout_secs is given up
-	// on: a stalled upload must not hold a slot and its share of the body
-	// budget for ever (there is no ReadTimeout, which would cut streams).
-	src := &x.stall
-	*src = stallReader{r: r.Body, timeout: s.cfg.Timeout}
-	src.conn, _ = w.(readDeadliner)
-	defer func() {
-		if err == nil {
-			src.setDeadline(time.Time{}) // the connection lives on
-		} else {
-			// net/http would wait to drain the rest of the body before
-			// answering; a failed body is not drained, the connection
-			// closes after the answer.
-			src.setDeadline(time.Unix(1, 0))
-		}
-	}()
-	if r.ContentLength >= 0 {
-		// net/http stops the body at Content-Length, within the limit.
-		if err := s.budget.acquire(r.Context(), r.ContentLength); err != nil {
-			return nil, 0, err
-		}
-		body = make([]byte, r.ContentLength)
-		_, err = io.ReadFull(src, body)
-		return body, r.ContentLength, err
-	}
-	if err := s.budget.acquire(r.Context(), limit); err != nil {
-		return nil, 0, err
-	}
-	body, err = io.ReadAll(http.MaxBytesReader(w, io.NopCloser(src), limit))
-	s.budget.release(limit - int64(len(body)))
-	return body, int64(len(body)), err
-}
-
-// stallReader moves the client connection's read deadline timeout ahead of
-// every Read of the request body.
-type stallReader struct {
-	r       io.Reader
-	conn    readDeadliner // nil if the ResponseWriter cannot set one
-	timeout time.Duration
-}
-
-// readDeadliner is net/http's HTTP/1 ResponseWriter, which sets the client
-// connection's read deadline.
-type readDeadliner interface{ SetReadDeadline(time.Time) error }
-
-func (sr *stallReader) setDeadline(t time.Time) {
-	if sr.conn != nil {
-		sr.conn.SetReadDeadline(t)
-	}
-}
-
-func (sr *stallReader) Read(p []byte) (int, error) {
-	sr.setDeadline(time.Now().Add(sr.timeout))
-	return sr.r.Read(p)
-}
-
 // hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
 // non-standard Proxy-Connection. They describe one connection and are never
-// forwarded.
+// forwarded, and so can never be configured (config.go refuses them from
+// this same table).
 var hopHeaders = [...]string{
 	"Connection",
 	"Proxy-Connection",
@@ -491,10 +507,13 @@ func (s *server) rewrite(pr *httputil.ProxyRequest) {
 	// ReverseProxy drops query parameters it cannot parse ("c=%zz",
 	// "a=1;b=2"); the upstream gets the query exactly as sent.
 	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
-	// The asterisk-form target of "OPTIONS *" joins to the path "/*";
-	// without a raw path, url.URL would send it re-encoded as "/%2A".
-	if pr.In.URL.Path == "*" {
-		pr.Out.URL.RawPath = strings.TrimSuffix(s.cfg.Upstream.EscapedPath(), "/") + "/*"
+	// The path as sent, byte for byte: url.URL would re-encode what it
+	// finds invalid ("|{}^\"", the "*" of "OPTIONS *"). As Opaque, it is
+	// the request line's target (HTTP/1) or :path (HTTP/2) verbatim. A
+	// path starting "//" cannot be Opaque (it would turn into an absolute
+	// URL naming another host), and keeps SetURL's escaped form.
+	if path := strings.TrimSuffix(s.cfg.Upstream.EscapedPath(), "/") + rawPath(pr.In); !strings.HasPrefix(path, "//") {
+		pr.Out.URL.Opaque = path
 	}
 	// ReverseProxy re-adds these for trailers and upgrades; stripHopByHop
 	// already removed their cause, this keeps the rule literal.
@@ -504,6 +523,24 @@ func (s *server) rewrite(pr *httputil.ProxyRequest) {
 	for i := range s.rules {
 		s.rules[i].apply(pr.Out.Header)
 	}
+}
+
+// rawPath returns the path of r's request target as the client sent it:
+// "/*" for the asterisk form of "OPTIONS *", and the path of an absolute
+// form ("http://host/path"), whose host is ignored.
+func rawPath(r *http.Request) string {
+	target, _, _ := strings.Cut(r.RequestURI, "?")
+	switch {
+	case strings.HasPrefix(target, "/"):
+		return target
+	case target == "*":
+		return "/*"
+	}
+	_, rest, ok := strings.Cut(target, "://")
+	if i := strings.IndexByte(rest, '/'); ok && i >= 0 {
+		return rest[i:]
+	}
+	return "/"
 }
 
 // headerRule is a HeaderRule prepared for the hot path.
@@ -608,7 +645,7 @@ func (s *server) modifyResponse(res *http.Response) error {
 		return nil
 	}
 	x.upstreamID = res.Header.Get("Request-Id")
-	s.releaseBody(x, res)
+	s.bodyDone(x, res)
 	if res.Body != nil && res.Body != http.NoBody {
 		x.resBody = idleBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
 		res.Body = &x.resBody
@@ -648,10 +685,10 @@ func (b *idleBody) Read(p []byte) (int, error) {
 			b.x.err = errClientGone
 		case context.Cause(b.x.attempt) == errIdleTimeout:
 			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
-			b.metrics.streamError(errTimeout)
+			b.metrics.streamError(errTypeTimeout)
 		default:
 			b.x.err = errors.New("upstream stream failed: " + err.Error())
-			b.metrics.streamError(errConnection)
+			b.metrics.streamError(errTypeConnection)
 		}
 		return n, context.Canceled
 	}
@@ -683,19 +720,74 @@ func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 			msg = "upstream response timeout after " + formatSeconds(x.headerTimeout) +
 				" (" + strconv.Itoa(x.attempts) + " attempts)"
 		}
-		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, err)
+		s.failRequest(w, x, http.StatusGatewayTimeout, errTypeTimeout, msg, err)
 		return
 	}
 	if x.attempt != nil && context.Cause(x.attempt) == errSendStalled {
 		msg := "upstream stopped reading the request body for " + formatSeconds(s.cfg.Timeout)
-		s.failRequest(w, x, http.StatusGatewayTimeout, errTimeout, msg, errSendStalled)
+		s.failRequest(w, x, http.StatusGatewayTimeout, errTypeTimeout, msg, errSendStalled)
 		return
 	}
-	msg := "upstream connection failed: " + err.Error()
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-		msg = "upstream closed the connection before sending response headers"
+	msg := "upstream " + s.cfg.Upstream.Host + ": " + connectionFailure(err, s.tun)
+	s.failRequest(w, x, http.StatusBadGateway, errTypeConnection, msg, err)
+}
+
+// connectionFailure names the class of a failure to reach the upstream or
+// to get its response headers, for the client: the error itself may hold
+// addresses inside the cluster (the resolver's, the pod's), so it goes to
+// the log line only.
+func connectionFailure(err error, tun tuning) string {
+	var dnsErr *net.DNSError
+	var tlsErr *tls.CertificateVerificationError
+	var recErr tls.RecordHeaderError
+	var timeout interface{ Timeout() bool }
+	text := err.Error()
+	switch {
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):
+		return "closed the connection before sending response headers"
+	case errors.As(err, &dnsErr):
+		if dnsErr.IsNotFound {
+			return "DNS lookup failed: no such host"
+		}
+		return "DNS lookup failed"
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return "connection refused"
+	case errors.Is(err, syscall.ECONNRESET):
+		return "connection reset"
+	case errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH):
+		return "host unreachable"
+	case errors.As(err, &tlsErr):
+		return "TLS certificate not trusted: " + certProblem(tlsErr.Err)
+	case errors.As(err, &recErr) || strings.Contains(text, "tls: "):
+		return "TLS handshake failed"
+	case strings.HasSuffix(text, "TLS handshake timeout"):
+		return "TLS handshake timeout after " + formatSeconds(tun.tlsTimeout)
+	case errors.As(err, &timeout) && timeout.Timeout():
+		return "connect timeout after " + formatSeconds(tun.connectTimeout)
+	case errors.Is(err, errSwitchingProtocols):
+		return errSwitchingProtocols.Error()
+	case strings.Contains(text, "malformed HTTP"):
+		return "malformed HTTP response"
+	case strings.Contains(text, "server response headers exceeded"):
+		return "response headers over 1 MiB"
 	}
-	s.failRequest(w, x, http.StatusBadGateway, errConnection, msg, err)
+	return "connection failed"
+}
+
+// certProblem names what is wrong with an upstream's certificate.
+func certProblem(err error) string {
+	var unknown x509.UnknownAuthorityError
+	var host x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &unknown):
+		return "signed by an unknown authority"
+	case errors.As(err, &host):
+		return "not valid for the upstream's name"
+	case errors.As(err, &invalid) && invalid.Reason == x509.Expired:
+		return "expired or not yet valid"
+	}
+	return "verification failed"
 }
 
 // failRequest answers with a proxy error and counts it.
@@ -732,6 +824,10 @@ func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg 
 	// As the API does: the SDKs show it as the error's request ID, and it
 	// finds the request's log line.
 	h.Set("Request-Id", x.id)
+	if status == http.StatusServiceUnavailable {
+		// Refused load: the SDKs retry after this many seconds.
+		h.Set("Retry-After", retryAfter)
+	}
 	if status == http.StatusGatewayTimeout {
 		// The proxy already retried, or must not retry at all; tell the
 		// Anthropic SDKs and Claude Code not to multiply the attempts.
@@ -740,6 +836,10 @@ func (s *server) writeError(w http.ResponseWriter, x *exchange, status int, msg 
 	w.WriteHeader(status)
 	w.Write(body)
 }
+
+// retryAfter is the Retry-After of a 503: long enough for streams to end
+// and memory or room to free up, short enough for an interactive client.
+const retryAfter = "5"
 
 // formatSeconds prints d as "60s" for whole seconds.
 func formatSeconds(d time.Duration) string {
@@ -938,75 +1038,5 @@ func (bp *bufferPool) Get() []byte {
 func (bp *bufferPool) Put(b []byte) {
 	if len(b) == copyBufferSize {
 		bp.p.Put((*[copyBufferSize]byte)(b))
-	}
-}
-
-// bodyBudget bounds the memory held by buffered request bodies across all
-// requests (SPEC: Memory, 64 MiB). A request that does not fit waits, first
-// come first served; a waiter holds nothing, so waiting cannot deadlock.
-type bodyBudget struct {
-	mu      sync.Mutex
-	free    int64
-	waiters []*budgetWaiter
-}
-
-type budgetWaiter struct {
-	n     int64
-	ready chan struct{} // closed once n bytes are reserved for the waiter
-}
-
-func newBodyBudget(size int64) *bodyBudget { return &bodyBudget{free: size} }
-
-// acquire reserves n bytes, waiting until they are free or ctx is done.
-func (b *bodyBudget) acquire(ctx context.Context, n int64) error {
-	b.mu.Lock()
-	if len(b.waiters) == 0 && b.free >= n {
-		b.free -= n
-		b.mu.Unlock()
-		return nil
-	}
-	w := &budgetWaiter{n: n, ready: make(chan struct{})}
-	b.waiters = append(b.waiters, w)
-	b.mu.Unlock()
-
-	select {
-	case <-w.ready:
-		return nil
-	case <-ctx.Done():
-	}
-	b.mu.Lock()
-	select {
-	case <-w.ready: // granted meanwhile: give it back
-		b.free += n
-	default:
-		for i, o := range b.waiters {
-			if o == w {
-				b.waiters = append(b.waiters[:i], b.waiters[i+1:]...)
-				break
-			}
-		}
-	}
-	b.grantLocked()
-	b.mu.Unlock()
-	return ctx.Err()
-}
-
-// release returns n reserved bytes and wakes the waiters that now fit.
-func (b *bodyBudget) release(n int64) {
-	if n == 0 {
-		return
-	}
-	b.mu.Lock()
-	b.free += n
-	b.grantLocked()
-	b.mu.Unlock()
-}
-
-func (b *bodyBudget) grantLocked() {
-	for len(b.waiters) > 0 && b.waiters[0].n <= b.free {
-		w := b.waiters[0]
-		b.waiters = b.waiters[1:]
-		b.free -= w.n
-		close(w.ready)
 	}
 }

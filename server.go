@@ -20,6 +20,8 @@ type tuning struct {
 	drainTimeout   time.Duration // how long shutdown waits for in-flight requests
 	headerTimeout  time.Duration // to read a client's request headers (slowloris)
 	bodyBudget     int64         // bytes of request bodies buffered at once
+	overloadAt     int64         // memory pressure at which new work is refused; 0: 3/4 of GOMEMLIMIT
+	resolver       *net.Resolver // looks up the upstream; nil: the system's
 }
 
 // defaultTuning is SPEC.md's: 5 s connect plus 5 s TLS handshake, 3
@@ -47,6 +49,7 @@ type server struct {
 	rules     []headerRule
 	slots     chan struct{} // one token per proxied request in flight
 	budget    *bodyBudget
+	guard     *memoryGuard
 	tun       tuning
 	inflight  sync.WaitGroup // proxied requests whose handler has not returned
 	cutting   atomic.Bool    // set once shutdown closes the requests still open
@@ -59,9 +62,10 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 		metrics: newMetrics(),
 		rules:   newHeaderRules(cfg.Headers),
 		slots:   make(chan struct{}, cfg.MaxConnections),
-		budget:  newBodyBudget(tun.bodyBudget),
 		tun:     tun,
 	}
+	s.budget = newBodyBudget(tun.bodyBudget, &s.metrics.bodyBudget, &s.metrics.waiting[waitBodyBudget])
+	s.guard = newMemoryGuard(tun.overloadAt)
 	s.health = healthHandler(s.metrics, time.Now())
 	s.transport = newTransport(cfg, tun)
 	s.proxy = &httputil.ReverseProxy{
@@ -87,6 +91,7 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 func newTransport(cfg *Config, tun tuning) *http.Transport {
 	dialer := &net.Dialer{
 		Timeout:   tun.connectTimeout,
+		Resolver:  tun.resolver,
 		KeepAlive: 30 * time.Second, // TCP keepalives find dead HTTP/1.1 peers
 	}
 	return &http.Transport{
@@ -147,7 +152,11 @@ func (s *server) httpServer() *http.Server {
 		Handler:           s,
 		ReadHeaderTimeout: s.tun.headerTimeout, // slowloris
 		IdleTimeout:       120 * time.Second,   // idle keep-alive client connections
-		MaxHeaderBytes:    64 << 10,            // larger request headers get 431
+		// net/http refuses headers over this (plus 4 KiB of slack) with
+		// its own plain 431 before the handler runs; admit refuses over
+		// 32 KiB or 100 fields with the JSON one.
+		MaxHeaderBytes: maxHeaderBytes,
+		ConnContext:    connContext,
 		// No ReadTimeout or WriteTimeout: they would cut long streams.
 		ErrorLog:                     slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 		DisableGeneralOptionsHandler: true, // "OPTIONS *" is proxied too

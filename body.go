@@ -1,0 +1,335 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Request bodies are read into memory before they are forwarded, so that a
+// retry can replay them (SPEC: Limits under abuse). They are held in chunks
+// taken from a shared budget as the bytes arrive: a body holds memory and
+// budget only for what it has received, plus at most one chunk, whatever
+// its framing, and is never copied.
+
+// Chunk sizes: a body's first chunk is small, so that many requests can be
+// starting at once; the later ones are larger, so that a 10 MiB body is
+// 160 allocations, not 640.
+const (
+	firstChunkSize = 16 << 10
+	chunkSize      = 64 << 10
+)
+
+// minUploadRate is the slowest average rate at which a request body may
+// arrive once timeout_secs have passed (Apache mod_reqtimeout's MinRate):
+// 1 KiB/s. An upload slower than that holds a slot and its budget for
+// nothing.
+const minUploadRate = 1 << 10
+
+// Errors of reading a request body, each answered with its own status.
+var (
+	errBodyTooLarge = errors.New("request body over max_body_bytes")               // 413
+	errBodyStalled  = errors.New("request body stalled")                           // 408
+	errBodyTooSlow  = errors.New("request body too slow")                          // 408
+	errNoBodyRoom   = errors.New("no room in the body budget within timeout_secs") // 503
+	errOverloaded   = errors.New("proxy overloaded: memory near its limit")        // 503
+)
+
+// requestBody is a request body held in memory: chunks filled in order,
+// each but the last full.
+type requestBody struct {
+	chunks [][]byte
+	size   int64
+	held   int64 // budget held: the chunks' capacity
+}
+
+// reader returns a new reader of the whole body.
+func (b *requestBody) reader() *chunkReader { return &chunkReader{chunks: b.chunks} }
+
+// chunkReader reads the chunks of a requestBody in order.
+type chunkReader struct {
+	chunks [][]byte
+	off    int // in chunks[0]
+}
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	n := 0
+	for n < len(p) && len(r.chunks) > 0 {
+		c := copy(p[n:], r.chunks[0][r.off:])
+		n += c
+		if r.off += c; r.off == len(r.chunks[0]) {
+			r.chunks, r.off = r.chunks[1:], 0
+		}
+	}
+	if n == 0 && len(p) > 0 {
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// readBody reads r's body into x.body, chunk by chunk: each chunk's room is
+// taken from the budget before it is allocated (waiting for at most
+// timeout_secs), and the upload must keep its pace (uploadReader). A
+// Messages body is scanned for "stream" as it arrives. What it holds stays
+// in x.body, to be released by the caller even after an error.
+func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, scan *streamScanner) (err error) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil
+	}
+	limit := s.cfg.MaxBodyBytes
+	if r.ContentLength > limit {
+		// Refused before a byte is read, so the client is never sent
+		// 100 Continue and the upstream is never contacted.
+		return errBodyTooLarge
+	}
+	up := &x.upload
+	*up = uploadReader{r: r.Body, timeout: s.cfg.Timeout, start: time.Now()}
+	up.conn, _ = w.(readDeadliner)
+	defer func() {
+		if err == nil {
+			up.setDeadline(time.Time{}) // the connection lives on
+		} else {
+			// net/http would wait to drain the rest of the body before
+			// answering; a failed body is not drained, the connection
+			// closes after the answer.
+			up.setDeadline(time.Unix(1, 0))
+		}
+	}()
+	b := &x.body
+	for {
+		// The next chunk: exactly what is declared, or one byte past the
+		// limit for a body of unknown length, so that an overrun shows.
+		n := int64(chunkSize)
+		if len(b.chunks) == 0 {
+			n = firstChunkSize
+		}
+		if r.ContentLength >= 0 {
+			n = min(n, r.ContentLength-b.size)
+		} else {
+			n = min(n, limit+1-b.size)
+		}
+		if n == 0 {
+			return nil
+		}
+		if len(b.chunks) > 0 && s.guard.overloaded() {
+			return errOverloaded // a first chunk was admitted with its request
+		}
+		waited, err := s.budget.acquire(r.Context(), n, len(b.chunks) == 0, s.cfg.Timeout)
+		up.start = up.start.Add(waited) // the proxy's wait is not the client's slowness
+		up.waited += waited
+		if err != nil {
+			return err
+		}
+		chunk := make([]byte, n)
+		got, err := io.ReadFull(up, chunk)
+		if got == 0 {
+			s.budget.release(n) // a body of unknown length ended at a chunk's end
+		} else {
+			b.chunks = append(b.chunks, chunk[:got])
+			b.size += int64(got)
+			b.held += n
+			if scan != nil {
+				scan.write(chunk[:got])
+			}
+		}
+		switch {
+		case b.size > limit:
+			return errBodyTooLarge
+		case err == io.ErrUnexpectedEOF && r.ContentLength < 0, err == io.EOF:
+			return nil // a body of unknown length ended
+		case err != nil:
+			return up.explain(err)
+		}
+	}
+}
+
+// dropBody drops a request body and returns its budget.
+func (s *server) dropBody(b *requestBody) {
+	s.budget.release(b.held)
+	*b = requestBody{}
+}
+
+// uploadReader reads the client's request body against two deadlines on
+// the client connection, moved before every Read: no byte for timeout_secs
+// (stalled), and, once timeout_secs have passed since the body began, an
+// average below minUploadRate (too slow). There is no ReadTimeout, which
+// would cut streams; this is the only limit on how long a body may take.
+type uploadReader struct {
+	r       io.Reader
+	conn    readDeadliner // nil if the ResponseWriter cannot set one
+	timeout time.Duration
+	start   time.Time     // when the body began, moved on by the proxy's own waits
+	n       int64         // bytes read
+	slow    bool          // the deadline set is the rate's, not the stall's
+	waited  time.Duration // in all, for room in the budget
+}
+
+// readDeadliner is net/http's HTTP/1 ResponseWriter, which sets the client
+// connection's read deadline.
+type readDeadliner interface{ SetReadDeadline(time.Time) error }
+
+func (u *uploadReader) setDeadline(t time.Time) {
+	if u.conn != nil {
+		u.conn.SetReadDeadline(t)
+	}
+}
+
+func (u *uploadReader) Read(p []byte) (int, error) {
+	stall := time.Now().Add(u.timeout)
+	// n bytes at minUploadRate pay for n/minUploadRate seconds from the
+	// start, and the first timeout_secs are free.
+	paid := max(u.timeout, time.Duration(u.n)*time.Second/minUploadRate)
+	slow := u.start.Add(paid)
+	// Which one fires, for the message: a body that sent nothing since it
+	// began meets both at once, and has stalled.
+	u.slow = stall.Sub(slow) > u.timeout/10
+	if u.slow {
+		u.setDeadline(slow)
+	} else {
+		u.setDeadline(stall)
+	}
+	n, err := u.r.Read(p)
+	u.n += int64(n)
+	return n, err
+}
+
+// explain turns a read error into errBodyStalled or errBodyTooSlow when a
+// deadline expired, and leaves others alone.
+func (u *uploadReader) explain(err error) error {
+	var ne interface{ Timeout() bool }
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		return err
+	}
+	if u.slow {
+		return errBodyTooSlow
+	}
+	return errBodyStalled
+}
+
+// uploadMessage is the client-facing text for an upload that timed out.
+func (u *uploadReader) message(err error) string {
+	if err == errBodyTooSlow {
+		return "request body too slow: " + strconv.FormatInt(u.n, 10) + " bytes in " +
+			strconv.FormatFloat(time.Since(u.start).Seconds(), 'f', 1, 64) + "s, under 1 KiB/s"
+	}
+	return "request body stalled: no data for " + formatSeconds(u.timeout)
+}
+
+// bodyBudget bounds the memory held by buffered request bodies across all
+// requests (SPEC: 64 MiB). Its last quarter, the reserve, is kept for
+// bodies' first chunks: however many large or slow uploads hold the rest,
+// a small request still finds room at once. Waiters are served in order,
+// each as soon as it fits, so a small chunk never waits behind a large one;
+// a large one that cannot fit gives up after timeout_secs. A waiter holds
+// nothing, so waiting cannot deadlock.
+type bodyBudget struct {
+	mu      sync.Mutex
+	size    int64
+	free    int64
+	reserve int64
+	waiters []*budgetWaiter
+	inUse   *atomic.Int64 // gauge: size - free
+	waiting *atomic.Int64 // gauge: acquire calls waiting
+}
+
+type budgetWaiter struct {
+	n     int64
+	first bool          // a body's first chunk: may use the reserve
+	ready chan struct{} // closed once n bytes are taken for the waiter
+}
+
+// newBodyBudget returns a budget of size bytes that keeps the gauges
+// inUse and waiting.
+func newBodyBudget(size int64, inUse, waiting *atomic.Int64) *bodyBudget {
+	return &bodyBudget{size: size, free: size, reserve: size / 4, inUse: inUse, waiting: waiting}
+}
+
+// fits reports whether n bytes can be taken now.
+func (b *bodyBudget) fits(n int64, first bool) bool {
+	if first {
+		return n <= b.free
+	}
+	return n+b.reserve <= b.free
+}
+
+// acquire takes n bytes, waiting until they fit, ctx is done (its error) or
+// timeout passes (errNoBodyRoom). It returns how long it waited.
+func (b *bodyBudget) acquire(ctx context.Context, n int64, first bool, timeout time.Duration) (time.Duration, error) {
+	b.mu.Lock()
+	if len(b.waiters) == 0 && b.fits(n, first) {
+		b.take(n)
+		b.mu.Unlock()
+		return 0, nil
+	}
+	w := &budgetWaiter{n: n, first: first, ready: make(chan struct{})}
+	b.waiters = append(b.waiters, w)
+	b.grantLocked()
+	b.mu.Unlock()
+
+	start := time.Now()
+	b.waiting.Add(1)
+	defer b.waiting.Add(-1)
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	var err error
+	select {
+	case <-w.ready:
+		return time.Since(start), nil
+	case <-ctx.Done():
+		err = ctx.Err()
+	case <-t.C:
+		err = errNoBodyRoom
+	}
+	b.mu.Lock()
+	select {
+	case <-w.ready: // granted meanwhile: give it back
+		b.take(-n)
+	default:
+		for i, o := range b.waiters {
+			if o == w {
+				b.waiters = append(b.waiters[:i], b.waiters[i+1:]...)
+				break
+			}
+		}
+	}
+	b.grantLocked()
+	b.mu.Unlock()
+	return time.Since(start), err
+}
+
+// take takes n bytes (gives them back if n < 0); b.mu is held.
+func (b *bodyBudget) take(n int64) {
+	b.free -= n
+	b.inUse.Add(n)
+}
+
+// release returns n bytes and wakes the waiters that now fit.
+func (b *bodyBudget) release(n int64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.take(-n)
+	b.grantLocked()
+	b.mu.Unlock()
+}
+
+// grantLocked gives room to every waiter that fits, in order.
+func (b *bodyBudget) grantLocked() {
+	kept := b.waiters[:0]
+	for _, w := range b.waiters {
+		if b.fits(w.n, w.first) {
+			b.take(w.n)
+			close(w.ready)
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	clear(b.waiters[len(kept):])
+	b.waiters = kept
+}

@@ -1,0 +1,319 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestBodyBudgetReserve(t *testing.T) {
+	var inUse, waiting atomic.Int64
+	b := newBodyBudget(100, &inUse, &waiting) // the last 25 bytes are the reserve
+	ctx := t.Context()
+	if _, err := b.acquire(ctx, 70, false, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// A later chunk must leave the reserve: 10 + 25 > 30 free.
+	later := make(chan error, 1)
+	go func() { _, err := b.acquire(ctx, 10, false, 10*time.Second); later <- err }()
+	waitGauge(t, &waiting, 1)
+	// A first chunk may use the reserve, and does not wait behind it.
+	if _, err := b.acquire(ctx, 20, true, time.Second); err != nil {
+		t.Fatalf("a first chunk waited behind a later one: %v", err)
+	}
+	if got := inUse.Load(); got != 90 {
+		t.Errorf("in use %d; want 90", got)
+	}
+	b.release(70)
+	if err := <-later; err != nil {
+		t.Fatalf("the later chunk got no room once it fitted: %v", err)
+	}
+	// One that cannot fit in time gives up with errNoBodyRoom.
+	if _, err := b.acquire(ctx, 80, false, 50*time.Millisecond); err != errNoBodyRoom {
+		t.Errorf("acquire beyond the budget = %v; want errNoBodyRoom", err)
+	}
+	b.release(30)
+	if inUse.Load() != 0 || waiting.Load() != 0 || len(b.waiters) != 0 {
+		t.Errorf("in use %d, waiting %d, %d queued after everything was released; want 0, 0, 0",
+			inUse.Load(), waiting.Load(), len(b.waiters))
+	}
+}
+
+func TestChunkReader(t *testing.T) {
+	chunks := [][]byte{[]byte("abc"), []byte("de"), []byte("fghij")}
+	for _, size := range []int{1, 2, 4, 64} {
+		r := (&requestBody{chunks: chunks}).reader()
+		var got []byte
+		buf := make([]byte, size)
+		for {
+			n, err := r.Read(buf)
+			got = append(got, buf[:n]...)
+			if err == io.EOF {
+				break
+			}
+			if err != nil || n == 0 {
+				t.Fatalf("Read(%d bytes) = %d, %v", size, n, err)
+			}
+		}
+		if string(got) != "abcdefghij" {
+			t.Errorf("read in %d-byte pieces: %q; want abcdefghij", size, got)
+		}
+	}
+}
+
+// holdingUpstream reads each request's body, reports its path, and holds
+// the request until release is closed, without sending headers: the
+// proxy keeps the body's budget meanwhile.
+func holdingUpstream(t testing.TB) (up *httptest.Server, entered chan string, release chan struct{}) {
+	entered = make(chan string, 64)
+	release = make(chan struct{})
+	up = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		entered <- r.URL.Path
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(up.Close)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	return up, entered, release
+}
+
+func TestBodyHoldsItsSizeWhateverItsFraming(t *testing.T) {
+	// A body holds budget, and memory, for what it received plus at most
+	// one chunk: a chunked body no longer reserves max_body_bytes, nor
+	// grows by doubling.
+	tests := []struct {
+		name    string
+		size    int
+		chunked bool
+		most    int64 // budget held while the request waits for headers
+	}{
+		{"1 KiB with Content-Length", 1 << 10, false, 1 << 10},
+		{"1 KiB chunked", 1 << 10, true, firstChunkSize},
+		{"1 MiB with Content-Length", 1 << 20, false, 1 << 20},
+		{"1 MiB chunked", 1 << 20, true, 1<<20 + chunkSize},
+		{"1 MiB and a byte, chunked", 1<<20 + 1, true, 1<<20 + chunkSize},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up, entered, release := holdingUpstream(t)
+			p := startProxy(t, testConfig(t, up.URL), testTuning)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				res, err := testClient(t).Do(bodyRequest(t, p.url, bytes.Repeat([]byte("b"), tt.size), tt.chunked))
+				if err == nil {
+					res.Body.Close()
+				}
+			}()
+			<-entered
+			if got := p.srv.metrics.bodyBudget.Load(); got < int64(tt.size) || got > tt.most {
+				t.Errorf("body budget holds %d bytes for a %d-byte body; want %d to %d", got, tt.size, tt.size, tt.most)
+			}
+			close(release)
+			<-done
+		})
+	}
+}
+
+func TestStalledOrSlowUploadIs408(t *testing.T) {
+	tests := []struct {
+		name    string
+		head    string        // request line and headers
+		piece   string        // sent every interval
+		every   time.Duration // 0: once, then nothing
+		message string        // prefix
+	}{
+		{"stalls, Content-Length", "Content-Length: 100000\r\n", "abc", 0, "request body stalled: no data for 300ms"},
+		{"stalls, chunked", "Transfer-Encoding: chunked\r\n", "3\r\nabc\r\n", 0, "request body stalled: no data for 300ms"},
+		{"trickles under 1 KiB/s", "Content-Length: 100000\r\n", "0123456789", 20 * time.Millisecond, "request body too slow: "},
+		{"trickles under 1 KiB/s, chunked", "Transfer-Encoding: chunked\r\n", "a\r\n0123456789\r\n", 20 * time.Millisecond, "request body too slow: "},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			u := newEchoUpstream(t)
+			cfg := testConfig(t, u.URL)
+			cfg.Timeout = 300 * time.Millisecond
+			cfg.MaxConnections = 1
+			p := startProxy(t, cfg, testTuning)
+			c, err := net.Dial("tcp", p.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(c, "POST /v1/messages HTTP/1.1\r\nHost: x\r\n"+tt.head+"\r\n"+tt.piece)
+			stop := make(chan struct{})
+			defer close(stop)
+			if tt.every > 0 {
+				go func() {
+					tick := time.NewTicker(tt.every)
+					defer tick.Stop()
+					for {
+						select {
+						case <-stop:
+							return
+						case <-tick.C:
+							if _, err := io.WriteString(c, tt.piece); err != nil {
+								return
+							}
+						}
+					}
+				}()
+			}
+			start := time.Now()
+			res, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("no response: %v\n%s", err, p.logs.String())
+			}
+			e := readError(t, res, http.StatusRequestTimeout)
+			if !strings.HasPrefix(e.Error.Message, tt.message) {
+				t.Errorf("message = %q; want %q…", e.Error.Message, tt.message)
+			}
+			if elapsed := time.Since(start); elapsed < cfg.Timeout {
+				t.Errorf("refused after %v; want no sooner than timeout_secs (%v)", elapsed, cfg.Timeout)
+			}
+			if u.hits.Load() != 0 {
+				t.Error("the upload reached the upstream")
+			}
+			if l := p.logs.waitRequests(t, 1)[0]; l["status"] != float64(408) {
+				t.Errorf("log line %v; want status 408", l)
+			}
+			checkMetrics(t, p, map[string]string{
+				`proxy_refused_total{reason="body_too_slow"}`:               "1",
+				`proxy_upstream_errors_total{error_type="invalid_request"}`: "1",
+			})
+			// The one slot and the budget are free again.
+			send(t, p, u, "POST", "/v1/after", nil)
+			if n := p.srv.metrics.bodyBudget.Load(); n != 0 {
+				t.Errorf("body budget has %d bytes in use; want 0", n)
+			}
+		})
+	}
+}
+
+func TestSteadyUploadOutlastsTimeout(t *testing.T) {
+	// An upload above 1 KiB/s may take as long as it needs.
+	u := newEchoUpstream(t)
+	cfg := testConfig(t, u.URL)
+	cfg.Timeout = 200 * time.Millisecond
+	p := startProxy(t, cfg, testTuning)
+	const pieces, piece = 20, 100 // 2,000 bytes over 600 ms: 3.3 KB/s
+	pr, pw := io.Pipe()
+	go func() {
+		for range pieces {
+			time.Sleep(30 * time.Millisecond) // the client's own pace
+			pw.Write(bytes.Repeat([]byte("u"), piece))
+		}
+		pw.Close()
+	}()
+	req, _ := http.NewRequest("POST", p.url+"/v1/files", pr)
+	req.ContentLength = pieces * piece
+	res, err := testClient(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if _, got := u.request(); res.StatusCode != 200 || len(got) != pieces*piece {
+		t.Fatalf("status %d, upstream got %d bytes; want 200 and %d", res.StatusCode, len(got), pieces*piece)
+	}
+}
+
+func TestSlowUploadersDoNotDelayASmallPost(t *testing.T) {
+	// Half of max_connections upload large bodies and stall once the
+	// budget outside the reserve is theirs; a 1 KiB POST is still answered
+	// at once, before any of them is.
+	u := newEchoUpstream(t)
+	cfg := testConfig(t, u.URL)
+	cfg.MaxConnections = 8
+	cfg.Timeout = 5 * time.Second
+	tun := testTuning
+	tun.bodyBudget = 1 << 20
+	p := startProxy(t, cfg, tun)
+	answered := make(chan string, 4)
+	for i := range 4 {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		go func() {
+			io.WriteString(c, "POST /v1/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+			c.Write(bytes.Repeat([]byte("s"), 300<<10)) // then nothing more
+			res, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err == nil {
+				answered <- "uploader " + strconv.Itoa(i) + ": " + res.Status
+			}
+		}()
+	}
+	// The uploaders have taken the budget outside the reserve: some wait.
+	if !pollGauge(&p.srv.metrics.waiting[waitBodyBudget], func(n int64) bool { return n >= 2 }) {
+		t.Fatal("the uploaders never filled the budget")
+	}
+	res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", bytes.NewReader(bytes.Repeat([]byte(" "), 1<<10)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("small POST: status %d; want 200", res.StatusCode)
+	}
+	select {
+	case a := <-answered:
+		t.Fatalf("%s before the small POST: it waited for them", a)
+	default:
+	}
+	if n := p.srv.metrics.bodyBudget.Load(); n > 1<<20 {
+		t.Errorf("body budget holds %d bytes; want at most its 1 MiB", n)
+	}
+}
+
+func TestNoRoomForTheBodyIs503(t *testing.T) {
+	up, entered, _ := holdingUpstream(t)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = 300 * time.Millisecond
+	tun := testTuning
+	tun.bodyBudget = 1 << 20
+	tun.retryPause = time.Second // the holder keeps its body through its retries
+	p := startProxy(t, cfg, tun)
+	c := testClient(t)
+	go func() {
+		res, err := c.Post(p.url+"/v1/files/holder", "application/octet-stream", bytes.NewReader(make([]byte, 700<<10)))
+		if err == nil {
+			res.Body.Close()
+		}
+	}()
+	<-entered
+	res, err := c.Post(p.url+"/v1/files/second", "application/octet-stream", bytes.NewReader(make([]byte, 600<<10)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := readError(t, res, http.StatusServiceUnavailable)
+	if e.Error.Message != "proxy overloaded: no room to buffer the request body within 300ms, retry later" {
+		t.Errorf("message = %q", e.Error.Message)
+	}
+	if got := res.Header.Get("Retry-After"); got == "" {
+		t.Error("no Retry-After on a 503")
+	}
+	p.logs.waitRequests(t, 1)
+	checkMetrics(t, p, map[string]string{
+		`proxy_refused_total{reason="body_budget_timeout"}`:    "1",
+		`proxy_upstream_errors_total{error_type="overloaded"}`: "1",
+	})
+}

@@ -1,0 +1,423 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// bigUpstream answers every request with size bytes, as fast as it can,
+// and reports when its handler has returned.
+func bigUpstream(t testing.TB, size int) (*httptest.Server, chan struct{}) {
+	done := make(chan struct{}, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() { done <- struct{}{} }()
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		chunk := bytes.Repeat([]byte("z"), 64<<10)
+		for n := 0; n < size; n += len(chunk) {
+			if _, err := w.Write(chunk[:min(len(chunk), size-n)]); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(up.Close)
+	return up, done
+}
+
+func TestClientThatStopsReadingIsCut(t *testing.T) {
+	// 64 MiB is far more than the loopback socket buffers hold: the
+	// proxy's writes block once the client stops reading.
+	up, upstreamDone := bigUpstream(t, 64<<20)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = 300 * time.Millisecond
+	p := startProxy(t, cfg, testTuning)
+	res, err := testClient(t).Get(p.url + "/v1/files/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+	// The client reads no more. The request ends on its own.
+	l := p.logs.waitRequests(t, 1)[0]
+	if msg, _ := l["error"].(string); l["status"] != float64(499) || !strings.HasPrefix(msg, "client stopped reading") {
+		t.Errorf("log line = %v; want status 499 and the error saying the client stopped reading", l)
+	}
+	select {
+	case <-upstreamDone:
+	case <-time.After(5 * time.Second):
+		t.Error("the upstream request was not cancelled")
+	}
+	checkMetrics(t, p, map[string]string{
+		`proxy_refused_total{reason="client_stopped_reading"}`: "1",
+		`proxy_requests_total{status="499",method="GET"}`:      "1",
+		`proxy_requests_in_flight`:                             "0",
+	})
+	if p.srv.metrics.errorsTotal() != 0 {
+		t.Error("a client that stopped reading was counted as a proxy error")
+	}
+}
+
+func TestSlowReaderIsNotCut(t *testing.T) {
+	// A client that reads in bursts, with pauses, is slow, not gone; nor
+	// is the upstream idle while the proxy's writes wait for it. (The
+	// kernel lets a blocked write go on once the client has read enough
+	// to empty half of the socket's send buffer, which grows up to
+	// several MiB: a few bursts.)
+	const size = 8 << 20
+	up, _ := bigUpstream(t, size)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = time.Second
+	p := startProxy(t, cfg, testTuning)
+	res, err := testClient(t).Get(p.url + "/v1/files/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	total := 0
+	buf := make([]byte, 512<<10)
+	for {
+		n, err := io.ReadFull(res.Body, buf)
+		total += n
+		if err != nil {
+			break
+		}
+		time.Sleep(cfg.Timeout / 8) // the client's own pace
+	}
+	if total != size {
+		t.Fatalf("read %d bytes; want all %d", total, size)
+	}
+	if l := p.logs.waitRequests(t, 1)[0]; l["error"] != nil || l["status"] != float64(200) {
+		t.Errorf("log line = %v; want status 200 and no error", l)
+	}
+}
+
+func TestConnectionBound(t *testing.T) {
+	u := newEchoUpstream(t)
+	cfg := testConfig(t, u.URL)
+	cfg.MaxConnections = 2 // a bound of 4 connections
+	p := startProxy(t, cfg, testTuning)
+	bound := int(connBound(cfg))
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	for range bound {
+		dial() // idle keep-alive connections count
+	}
+	waitGauge(t, &p.srv.metrics.clientConns, int64(bound))
+
+	// Past the bound, a connection is still served, briefly: probes and
+	// scrapes answer, proxied requests are refused.
+	over := dial()
+	io.WriteString(over, "GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+	br := bufio.NewReader(over)
+	res, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	if res.StatusCode != 200 {
+		t.Errorf("/health past the bound: %d; want 200", res.StatusCode)
+	}
+	res, err = http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := readError(t, res, http.StatusServiceUnavailable)
+	if e.Error.Message != "proxy overloaded: too many client connections, retry later" || !res.Close {
+		t.Errorf("message %q, close %v; want the connection refusal, and the connection closed", e.Error.Message, res.Close)
+	}
+	if u.hits.Load() != 0 {
+		t.Error("a request past the bound reached the upstream")
+	}
+
+	// Past the bound and the overflow, a connection is closed at once.
+	waitGauge(t, &p.srv.metrics.clientConns, int64(bound)) // the refused one was closed
+	for range overflowConns {
+		dial()
+	}
+	waitGauge(t, &p.srv.metrics.clientConns, int64(bound+overflowConns))
+	last := dial()
+	last.SetDeadline(time.Now().Add(5 * time.Second))
+	if n, err := last.Read(make([]byte, 1)); err == nil {
+		t.Errorf("a connection past the overflow read %d bytes; want it closed", n)
+	}
+	waitGauge(t, &p.srv.metrics.clientConns, int64(bound+overflowConns))
+	// (Read directly: a scrape would need a connection.)
+	if n := p.srv.metrics.refused[refuseTooManyConns].Load(); n != 2 {
+		t.Errorf("refused too_many_connections = %d; want 2", n)
+	}
+}
+
+func TestRequestHeaderLimits(t *testing.T) {
+	// Refused before the request waits for anything: the only slot is
+	// taken throughout.
+	up, entered, _ := holdingUpstream(t)
+	cfg := testConfig(t, up.URL)
+	cfg.MaxConnections = 1
+	p := startProxy(t, cfg, testTuning)
+	go testClient(t).Get(p.url + "/v1/holder")
+	<-entered
+	fields := func(n int) string {
+		var b strings.Builder
+		for i := range n {
+			b.WriteString("X-F" + strconv.Itoa(i) + ": v\r\n")
+		}
+		return b.String()
+	}
+	big := func(n int) string { return "X-Big: " + strings.Repeat("h", n) + "\r\n" }
+	tests := []struct {
+		name    string
+		headers string // besides Host
+		status  int    // 0: not refused (it waits for the slot)
+		json    bool
+		reason  string
+	}{
+		{"100 fields pass", fields(99), 0, false, ""},
+		{"101 fields", fields(100), 431, true, "too_many_headers"},
+		{"30 KiB pass", big(30 << 10), 0, false, ""},
+		{"over 32 KiB", big(33 << 10), 431, true, "headers_too_large"},
+		{"over 36 KiB: net/http's own 431", big(40 << 10), 431, false, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", p.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, "GET /v1/models HTTP/1.1\r\nHost: x\r\n"+tt.headers+"\r\n")
+			if tt.status == 0 {
+				c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+				if n, err := c.Read(make([]byte, 1)); n > 0 || !isTimeout(err) {
+					t.Errorf("answered (%d bytes, %v); want it to wait for the slot", n, err)
+				}
+				return
+			}
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			res, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.json {
+				res.Body.Close()
+				if res.StatusCode != tt.status {
+					t.Errorf("status %d; want %d", res.StatusCode, tt.status)
+				}
+				return
+			}
+			readError(t, res, tt.status)
+			if got := metricValue(metricsText(t, p), `proxy_refused_total{reason="`+tt.reason+`"}`); got != "1" {
+				t.Errorf("refused %s = %q; want 1", tt.reason, got)
+			}
+		})
+	}
+	select {
+	case path := <-entered:
+		t.Errorf("%s reached the upstream", path)
+	default:
+	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
+
+// TestGhostRequestsAreNeverForwarded repeats, many times, a request whose
+// client leaves while it waits — for a slot, or for room for its body —
+// and requires that none of them reaches the upstream.
+func TestGhostRequestsAreNeverForwarded(t *testing.T) {
+	const trials = 30
+	tests := []struct {
+		name   string
+		holder string // a request that fills the slot or the budget
+		ghost  string // sent whole, then the client closes
+		wait   waitKind
+	}{
+		{"POST waiting for a slot", "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n",
+			"POST /ghost HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", waitSlot},
+		{"chunked POST waiting for a slot", "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n",
+			"POST /ghost HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", waitSlot},
+		{"GET waiting for a slot", "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n",
+			"GET /ghost HTTP/1.1\r\nHost: x\r\n\r\n", waitSlot},
+		{"POST waiting for body budget",
+			"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Length: 737280\r\n\r\n" + strings.Repeat("h", 720<<10),
+			"POST /ghost HTTP/1.1\r\nHost: x\r\nContent-Length: 409600\r\n\r\n" + strings.Repeat("g", 400<<10), waitBodyBudget},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var ghosts atomic.Int64
+			entered := make(chan struct{})
+			release := make(chan struct{})
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.Copy(io.Discard, r.Body)
+				if r.URL.Path == "/ghost" {
+					ghosts.Add(1)
+					return
+				}
+				entered <- struct{}{}
+				select {
+				case <-release:
+				case <-r.Context().Done():
+				}
+			}))
+			t.Cleanup(up.Close)
+			cfg := testConfig(t, up.URL)
+			cfg.MaxConnections = 1
+			if tt.wait == waitBodyBudget {
+				cfg.MaxConnections = 2
+			}
+			tun := testTuning
+			tun.bodyBudget = 1 << 20
+			p := startProxy(t, cfg, tun)
+			for i := range trials {
+				holder, err := net.Dial("tcp", p.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.WriteString(holder, tt.holder)
+				<-entered
+				ghost, err := net.Dial("tcp", p.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.WriteString(ghost, tt.ghost); err != nil {
+					t.Fatal(err)
+				}
+				waitGauge(t, &p.srv.metrics.waiting[tt.wait], 1)
+				ghost.Close()
+				release <- struct{}{}
+				holder.SetDeadline(time.Now().Add(5 * time.Second))
+				if _, err := http.ReadResponse(bufio.NewReader(holder), nil); err != nil {
+					t.Fatalf("trial %d: holder: %v", i, err)
+				}
+				holder.Close()
+				p.logs.waitRequests(t, 2*(i+1))
+			}
+			if n := ghosts.Load(); n != 0 {
+				t.Errorf("%d of %d ghost requests reached the upstream", n, trials)
+			}
+			if got := metricValue(metricsText(t, p), `proxy_requests_total{status="499",method="`+tt.ghost[:strings.IndexByte(tt.ghost, ' ')]+`"}`); got != strconv.Itoa(trials) {
+				t.Errorf("499s counted %s; want %d", got, trials)
+			}
+		})
+	}
+}
+
+func TestRequestTrailersNeverForwarded(t *testing.T) {
+	// Over HTTP/2 a request's trailers travel in a HEADERS frame of their
+	// own; through it, a removed x-api-key or a second Authorization
+	// would reach the upstream behind the header rules' back.
+	for _, h2 := range []bool{false, true} {
+		got := make(chan http.Header, 1)
+		up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(io.Discard, r.Body)
+			all := r.Header.Clone()
+			for k, v := range r.Trailer {
+				all["Trailer-"+k] = v
+			}
+			got <- all
+		}))
+		up.EnableHTTP2 = h2
+		up.StartTLS()
+		t.Cleanup(up.Close)
+		cfg := testConfig(t, up.URL)
+		cfg.Headers = append(cfg.Headers, HeaderRule{Name: "x-api-key", Mode: HeaderRemove})
+		p := startProxy(t, cfg, testTuning)
+		p.srv.transport.TLSClientConfig = &tls.Config{RootCAs: up.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs}
+		res := rawRequest(t, p.addr, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer first\r\n"+
+			"Transfer-Encoding: chunked\r\nTrailer: X-Api-Key, Authorization\r\n\r\n"+
+			"2\r\n{}\r\n0\r\nX-Api-Key: sk-stray\r\nAuthorization: Bearer second\r\n\r\n")
+		res.Body.Close()
+		if res.StatusCode != 200 {
+			t.Fatalf("h2=%v: status %d", h2, res.StatusCode)
+		}
+		h := <-got
+		if v := h["Authorization"]; len(v) != 1 || v[0] != "Bearer first" {
+			t.Errorf("h2=%v: upstream Authorization %q; want only the client's header", h2, v)
+		}
+		for k := range h {
+			if k == "X-Api-Key" || strings.HasPrefix(k, "Trailer-") || k == "Trailer" {
+				t.Errorf("h2=%v: upstream got %s: %q", h2, k, h[k])
+			}
+		}
+	}
+}
+
+func TestPathsByteForByte(t *testing.T) {
+	// The request target reaches the upstream as sent, whatever url.URL
+	// would escape, over HTTP/1 and HTTP/2.
+	targets := []string{
+		`/v1/a|b{c}^d"e`,
+		"/v1/a|b?x=|&y={}",
+		"/v1/%7C|%2F/x",
+		"/v1/messages?beta=true",
+	}
+	for _, h2 := range []bool{false, true} {
+		got := make(chan string, 1)
+		up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			got <- r.RequestURI
+		}))
+		up.EnableHTTP2 = h2
+		up.StartTLS()
+		t.Cleanup(up.Close)
+		p := startProxy(t, testConfig(t, up.URL), testTuning)
+		p.srv.transport.TLSClientConfig = &tls.Config{RootCAs: up.Client().Transport.(*http.Transport).TLSClientConfig.RootCAs}
+		for _, target := range targets {
+			res := rawRequest(t, p.addr, "GET "+target+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+			res.Body.Close()
+			if res.StatusCode != 200 {
+				t.Errorf("h2=%v %s: status %d", h2, target, res.StatusCode)
+				continue
+			}
+			if uri := <-got; uri != target {
+				t.Errorf("h2=%v: upstream got %q; want %q", h2, uri, target)
+			}
+		}
+	}
+}
+
+func TestDNSFailureNamesNoAddress(t *testing.T) {
+	// The cluster's resolver address is in the error; only the log line
+	// may show it. The resolver is the test's: no lookup leaves the process.
+	tun := testTuning
+	tun.resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, address string) (net.Conn, error) {
+		return nil, &net.OpError{Op: "dial", Net: network, Addr: fakeAddr("10.96.0.10:53"), Err: errors.New("connect: network is unreachable")}
+	}}
+	p := startProxy(t, testConfig(t, "https://api.anthropic.invalid"), tun)
+	res, err := testClient(t).Get(p.url + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := readError(t, res, http.StatusBadGateway)
+	if want := "upstream api.anthropic.invalid: DNS lookup failed"; e.Error.Message != want {
+		t.Errorf("message = %q; want %q", e.Error.Message, want)
+	}
+	if msg, _ := p.logs.waitRequests(t, 1)[0]["error"].(string); !strings.Contains(msg, "10.96.0.10") {
+		t.Errorf("log error = %q; want the full error, with the resolver's address", msg)
+	}
+}
+
+// fakeAddr is a net.Addr for an error message.
+type fakeAddr string
+
+func (a fakeAddr) Network() string { return "udp" }
+func (a fakeAddr) String() string  { return string(a) }
