@@ -119,7 +119,7 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 		if len(b.chunks) > 0 && s.guard.overloaded() {
 			return errOverloaded // a first chunk was admitted with its request
 		}
-		waited, err := s.budget.acquire(r.Context(), n, len(b.chunks) == 0, s.cfg.Timeout)
+		waited, err := s.budget.acquire(r.Context(), s.guard.waiting(), n, len(b.chunks) == 0, s.cfg.Timeout)
 		up.start = up.start.Add(waited) // the proxy's wait is not the client's slowness
 		up.waited += waited
 		if err != nil {
@@ -257,9 +257,10 @@ func (b *bodyBudget) fits(n int64, first bool) bool {
 	return n+b.reserve <= b.free
 }
 
-// acquire takes n bytes, waiting until they fit, ctx is done (its error) or
-// timeout passes (errNoBodyRoom). It returns how long it waited.
-func (b *bodyBudget) acquire(ctx context.Context, n int64, first bool, timeout time.Duration) (time.Duration, error) {
+// acquire takes n bytes, waiting until they fit, ctx is done (its error),
+// overload is closed (errOverloaded) or timeout passes (errNoBodyRoom). It
+// returns how long it waited.
+func (b *bodyBudget) acquire(ctx context.Context, overload <-chan struct{}, n int64, first bool, timeout time.Duration) (time.Duration, error) {
 	b.mu.Lock()
 	if len(b.waiters) == 0 && b.fits(n, first) {
 		b.take(n)
@@ -282,6 +283,8 @@ func (b *bodyBudget) acquire(ctx context.Context, n int64, first bool, timeout t
 		return time.Since(start), nil
 	case <-ctx.Done():
 		err = ctx.Err()
+	case <-overload:
+		err = errOverloaded
 	case <-t.C:
 		err = errNoBodyRoom
 	}

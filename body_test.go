@@ -18,15 +18,15 @@ func TestBodyBudgetReserve(t *testing.T) {
 	var inUse, waiting atomic.Int64
 	b := newBodyBudget(100, &inUse, &waiting) // the last 25 bytes are the reserve
 	ctx := t.Context()
-	if _, err := b.acquire(ctx, 70, false, time.Second); err != nil {
+	if _, err := b.acquire(ctx, nil, 70, false, time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// A later chunk must leave the reserve: 10 + 25 > 30 free.
 	later := make(chan error, 1)
-	go func() { _, err := b.acquire(ctx, 10, false, 10*time.Second); later <- err }()
+	go func() { _, err := b.acquire(ctx, nil, 10, false, 10*time.Second); later <- err }()
 	waitGauge(t, &waiting, 1)
 	// A first chunk may use the reserve, and does not wait behind it.
-	if _, err := b.acquire(ctx, 20, true, time.Second); err != nil {
+	if _, err := b.acquire(ctx, nil, 20, true, time.Second); err != nil {
 		t.Fatalf("a first chunk waited behind a later one: %v", err)
 	}
 	if got := inUse.Load(); got != 90 {
@@ -37,7 +37,7 @@ func TestBodyBudgetReserve(t *testing.T) {
 		t.Fatalf("the later chunk got no room once it fitted: %v", err)
 	}
 	// One that cannot fit in time gives up with errNoBodyRoom.
-	if _, err := b.acquire(ctx, 80, false, 50*time.Millisecond); err != errNoBodyRoom {
+	if _, err := b.acquire(ctx, nil, 80, false, 50*time.Millisecond); err != errNoBodyRoom {
 		t.Errorf("acquire beyond the budget = %v; want errNoBodyRoom", err)
 	}
 	b.release(30)

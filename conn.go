@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -28,16 +29,52 @@ const overflowDeadline = 10 * time.Second
 // see closed.
 func connBound(cfg *Config) int64 { return 2*int64(cfg.MaxConnections) + 64 }
 
-// listener counts the client connections and marks those past the bound.
+// listener counts the client connections, marks those past the bound, and
+// runs the memory guard while it is open.
 type listener struct {
 	net.Listener
 	s     *server
 	bound int64
+	stop  chan struct{} // closed with the listener: stops the guard
+	once  sync.Once
+
+	mu    sync.Mutex
+	conns map[*clientConn]struct{} // open connections within the bound
 }
 
-// listen wraps ln, the server's listener.
+// listen wraps ln, the server's listener, and starts the memory guard.
 func (s *server) listen(ln net.Listener) net.Listener {
-	return &listener{Listener: ln, s: s, bound: connBound(s.cfg)}
+	l := &listener{Listener: ln, s: s, bound: connBound(s.cfg), stop: make(chan struct{}), conns: make(map[*clientConn]struct{})}
+	go s.guard.run(l.stop, l.shed)
+	return l
+}
+
+func (l *listener) Close() error {
+	l.once.Do(func() { close(l.stop) })
+	return l.Listener.Close()
+}
+
+// shedAfter is how long a response write must have been blocked for the
+// memory guard to cut it: the client is not reading, and its response's
+// buffers are what grows after a request was admitted.
+const shedAfter = time.Second
+
+// shed cuts the responses whose writes have been blocked for shedAfter:
+// their blocked Write fails at once, as if timeout_secs had passed.
+func (l *listener) shed() {
+	now := time.Now().UnixNano()
+	cut := 0
+	l.mu.Lock()
+	for c := range l.conns {
+		if since := c.writing.Load(); since != 0 && now-since >= int64(shedAfter) {
+			c.cut.Store(true)
+			c.Conn.SetWriteDeadline(time.Unix(1, 0))
+			cut++
+		}
+	}
+	l.mu.Unlock()
+	l.s.log.Warn("memory near its limit: refusing new requests", "pressure_bytes", l.s.guard.last.Load(),
+		"limit_bytes", l.s.guard.limit.Load(), "responses_cut", cut)
 }
 
 // Accept returns the next connection: within the bound, or one of the
@@ -49,7 +86,7 @@ func (l *listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		cc := &clientConn{Conn: c, m: l.s.metrics, timeout: l.s.cfg.Timeout}
+		cc := &clientConn{Conn: c, l: l, timeout: l.s.cfg.Timeout}
 		switch n := l.s.metrics.clientConns.Add(1); {
 		case n > l.bound+overflowConns:
 			l.s.metrics.refuse(refuseTooManyConns)
@@ -58,6 +95,10 @@ func (l *listener) Accept() (net.Conn, error) {
 		case n > l.bound:
 			cc.overflow = true
 			c.SetDeadline(time.Now().Add(overflowDeadline))
+		default:
+			l.mu.Lock()
+			l.conns[cc] = struct{}{}
+			l.mu.Unlock()
 		}
 		return cc, nil
 	}
@@ -71,9 +112,11 @@ func (l *listener) Accept() (net.Conn, error) {
 // read enough to free a part of the socket buffer.
 type clientConn struct {
 	net.Conn
-	m        *metrics
+	l        *listener
 	timeout  time.Duration
-	overflow bool // past the bound: local endpoints only, then closed
+	overflow bool         // past the bound: local endpoints only, then closed
+	writing  atomic.Int64 // unix nanoseconds since a Write has waited; 0: none
+	cut      atomic.Bool  // the memory guard cut the blocked Write
 	closed   atomic.Bool
 }
 
@@ -83,10 +126,13 @@ func (c *clientConn) Write(p []byte) (int, error) {
 	}
 	written := 0
 	for {
-		c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+		now := time.Now()
+		c.writing.Store(now.UnixNano())
+		c.Conn.SetWriteDeadline(now.Add(c.timeout))
 		n, err := c.Conn.Write(p[written:])
+		c.writing.Store(0)
 		written += n
-		if err == nil || n == 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+		if err == nil || n == 0 || !errors.Is(err, os.ErrDeadlineExceeded) || c.cut.Load() {
 			return written, err
 		}
 	}
@@ -94,7 +140,10 @@ func (c *clientConn) Write(p []byte) (int, error) {
 
 func (c *clientConn) Close() error {
 	if c.closed.CompareAndSwap(false, true) {
-		c.m.clientConns.Add(-1)
+		c.l.s.metrics.clientConns.Add(-1)
+		c.l.mu.Lock()
+		delete(c.l.conns, c)
+		c.l.mu.Unlock()
 	}
 	return c.Conn.Close()
 }

@@ -51,6 +51,7 @@ type testProxy struct {
 	url  string // http://127.0.0.1:port
 	addr string
 	srv  *server
+	ln   *listener
 	logs *logBuffer
 }
 
@@ -66,13 +67,14 @@ func startProxy(t testing.TB, cfg *Config, tun tuning) *testProxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go hs.Serve(s.listen(ln))
+	l := s.listen(ln).(*listener)
+	go hs.Serve(l)
 	t.Cleanup(func() {
 		hs.Close()
 		s.transport.CloseIdleConnections()
 		logs.checkJSON(t)
 	})
-	return &testProxy{url: "http://" + ln.Addr().String(), addr: ln.Addr().String(), srv: s, logs: logs}
+	return &testProxy{url: "http://" + ln.Addr().String(), addr: ln.Addr().String(), srv: s, ln: l, logs: logs}
 }
 
 // testClient returns an HTTP client that neither decompresses nor shares

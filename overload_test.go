@@ -1,9 +1,12 @@
 package main
 
 import (
+	"io"
 	"net/http"
 	"runtime/debug"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestMemoryGuard(t *testing.T) {
@@ -24,12 +27,12 @@ func TestMemoryGuardFollowsGOMEMLIMIT(t *testing.T) {
 	old := debug.SetMemoryLimit(-1)
 	t.Cleanup(func() { debug.SetMemoryLimit(old) })
 	debug.SetMemoryLimit(100 << 20)
-	if got, want := newMemoryGuard(0).limit, int64(75<<20); got != want {
+	if got, want := newMemoryGuard(0).limit.Load(), int64(75<<20); got != want {
 		t.Errorf("limit with GOMEMLIMIT=100MiB: %d; want %d (three quarters)", got, want)
 	}
 	debug.SetMemoryLimit(1<<63 - 1) // no limit, as when GOMEMLIMIT is not set
-	if g := newMemoryGuard(0); g.limit != 0 || g.overloaded() {
-		t.Errorf("without GOMEMLIMIT: limit %d, overloaded %v; want neither", g.limit, g.overloaded())
+	if g := newMemoryGuard(0); g.limit.Load() != 0 || g.overloaded() {
+		t.Errorf("without GOMEMLIMIT: limit %d, overloaded %v; want neither", g.limit.Load(), g.overloaded())
 	}
 }
 
@@ -66,4 +69,54 @@ func TestOverloadedProxyRefusesWithRetryAfter(t *testing.T) {
 		`proxy_upstream_errors_total{error_type="overloaded"}`: "1",
 		`proxy_requests_total{status="503",method="POST"}`:     "1",
 	})
+}
+
+func TestOverloadCutsResponsesNotReadAndRefusesWaiters(t *testing.T) {
+	// While memory is near its limit, the buffers of responses nobody reads
+	// are what grows: they are cut long before timeout_secs; and requests
+	// waiting for a slot give up with 503.
+	up, upstreamDone := bigUpstream(t, 64<<20)
+	cfg := testConfig(t, up.URL)
+	cfg.Timeout = time.Minute
+	cfg.MaxConnections = 1
+	p := startProxy(t, cfg, testTuning)
+	res, err := testClient(t).Get(p.url + "/v1/files/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
+	waiter := make(chan *http.Response, 1)
+	go func() {
+		res, err := testClient(t).Get(p.url + "/v1/models")
+		if err == nil {
+			waiter <- res
+		}
+	}()
+	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
+	time.Sleep(shedAfter + 100*time.Millisecond) // the response's write has been blocked that long
+
+	p.srv.guard.limit.Store(1) // memory is now "near its limit"
+	if !p.srv.guard.sample() {
+		t.Fatal("the guard did not start acting")
+	}
+	p.ln.shed()
+	select {
+	case res := <-waiter:
+		readError(t, res, http.StatusServiceUnavailable)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiting request was not refused")
+	}
+	select {
+	case <-upstreamDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the response nobody reads was not cut")
+	}
+	for _, l := range p.logs.waitRequests(t, 2) {
+		if l["path"] == "/v1/files/big" && (l["status"] != float64(499) || !strings.HasPrefix(l["error"].(string), "client stopped reading")) {
+			t.Errorf("log line = %v; want 499, client stopped reading", l)
+		}
+	}
 }

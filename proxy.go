@@ -186,9 +186,14 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 
 	// Take a slot before reading the body (SPEC: Concurrency). A client that
 	// gives up while waiting is dropped without a response.
-	waited, ok := s.takeSlot(r.Context())
-	if !ok {
-		x.err = errClientGone
+	waited, err := s.takeSlot(r.Context())
+	switch err {
+	case errClientGone:
+		x.err = err
+		return
+	case errOverloaded:
+		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
+			"proxy overloaded: memory near its limit, retry later")
 		return
 	}
 	defer s.releaseSlot()
@@ -198,7 +203,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	if isMessagesCall(r) {
 		scan = &x.scan
 	}
-	err := s.readBody(x, w, r, scan)
+	err = s.readBody(x, w, r, scan)
 	defer s.dropBody(&x.body)
 	if err != nil {
 		s.bodyFailed(x, r, err)
@@ -291,9 +296,11 @@ func headerSize(r *http.Request) (fields, size int) {
 	return fields, size
 }
 
-// takeSlot waits for one of max_connections slots until ctx is done, and
-// reports whether it waited and whether it got one.
-func (s *server) takeSlot(ctx context.Context) (waited, ok bool) {
+// takeSlot waits for one of max_connections slots, and reports whether it
+// waited. It gives up with errClientGone when ctx is done, and with
+// errOverloaded when the memory guard acts: a waiting request holds its
+// headers in memory.
+func (s *server) takeSlot(ctx context.Context) (waited bool, err error) {
 	select {
 	case s.slots <- struct{}{}:
 	default:
@@ -302,12 +309,14 @@ func (s *server) takeSlot(ctx context.Context) (waited, ok bool) {
 		select {
 		case s.slots <- struct{}{}:
 		case <-ctx.Done():
-			return true, false
+			return true, errClientGone
+		case <-s.guard.waiting():
+			return true, errOverloaded
 		}
 		waited = true
 	}
 	s.metrics.inFlight.Add(1)
-	return waited, true
+	return waited, nil
 }
 
 func (s *server) releaseSlot() {
