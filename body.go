@@ -43,9 +43,11 @@ var (
 // requestBody is a request body held in memory: chunks filled in order,
 // each but the last full.
 type requestBody struct {
-	chunks [][]byte
-	size   int64
-	held   int64 // budget held: the chunks' capacity
+	chunks  [][]byte
+	size    int64
+	held    int64 // budget held: the chunks' capacity
+	reading bool  // its first chunk is taken, and reading has not ended
+	done    bool  // read in whole
 }
 
 // reader returns a new reader of the whole body.
@@ -101,6 +103,15 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 		}
 	}()
 	b := &x.body
+	defer func() {
+		if b.reading {
+			b.reading, b.done = false, err == nil
+			s.budget.endRead(b.held, b.done)
+			if !b.done {
+				*b = requestBody{} // its room is back in the budget
+			}
+		}
+	}()
 	for {
 		// The next chunk: exactly what is declared, or one byte past the
 		// limit for a body of unknown length, so that an overrun shows.
@@ -119,16 +130,19 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 		if len(b.chunks) > 0 && s.guard.overloaded() {
 			return errOverloaded // a first chunk was admitted with its request
 		}
-		waited, err := s.budget.acquire(r.Context(), s.guard.waiting(), n, len(b.chunks) == 0, s.cfg.Timeout)
+		first := len(b.chunks) == 0
+		up.setDeadline(time.Time{}) // waiting for room is the proxy's doing, not a stall
+		waited, err := s.budget.acquire(r.Context(), s.guard.waiting(), n, first, s.cfg.Timeout)
 		up.start = up.start.Add(waited) // the proxy's wait is not the client's slowness
 		up.waited += waited
 		if err != nil {
 			return err
 		}
+		b.reading = b.reading || first
 		chunk := make([]byte, n)
 		got, err := io.ReadFull(up, chunk)
 		if got == 0 {
-			s.budget.release(n) // a body of unknown length ended at a chunk's end
+			s.budget.release(n, false) // a body of unknown length ended at a chunk's end
 		} else {
 			b.chunks = append(b.chunks, chunk[:got])
 			b.size += int64(got)
@@ -150,7 +164,7 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 
 // dropBody drops a request body and returns its budget.
 func (s *server) dropBody(b *requestBody) {
-	s.budget.release(b.held)
+	s.budget.release(b.held, b.done)
 	*b = requestBody{}
 }
 
@@ -224,29 +238,44 @@ func (u *uploadReader) message(err error) string {
 // requests (SPEC: 64 MiB). Its last quarter, the reserve, is kept for
 // bodies' first chunks: however many large or slow uploads hold the rest,
 // a small request still finds room at once. Waiters are served in order,
-// each as soon as it fits, so a small chunk never waits behind a large one;
-// a large one that cannot fit gives up after timeout_secs. A waiter holds
-// nothing, so waiting cannot deadlock.
+// each as soon as it fits, so a small chunk never waits behind a large one.
+//
+// Bodies hold what they have received, so they can wait on each other:
+// when every body still being read waits for room and none is done (done
+// bodies free their room once their response headers arrive), none can
+// ever finish. The newest waiter is then refused at once (503, retry
+// later), and its room goes to the others, until one can go on.
 type bodyBudget struct {
 	mu      sync.Mutex
 	size    int64
 	free    int64
 	reserve int64
 	waiters []*budgetWaiter
+	readers int           // bodies being read that hold room
+	later   int           // waiters for a body's later chunk
+	done    int64         // room held by bodies read in whole
 	inUse   *atomic.Int64 // gauge: size - free
 	waiting *atomic.Int64 // gauge: acquire calls waiting
 }
 
 type budgetWaiter struct {
-	n     int64
-	first bool          // a body's first chunk: may use the reserve
-	ready chan struct{} // closed once n bytes are taken for the waiter
+	n       int64
+	first   bool          // a body's first chunk: may use the reserve
+	ready   chan struct{} // closed once n bytes are taken for the waiter, or it is refused
+	refused bool          // chosen to break a deadlock
 }
 
-// newBodyBudget returns a budget of size bytes that keeps the gauges
-// inUse and waiting.
-func newBodyBudget(size int64, inUse, waiting *atomic.Int64) *bodyBudget {
-	return &bodyBudget{size: size, free: size, reserve: size / 4, inUse: inUse, waiting: waiting}
+// newBodyBudget returns a budget of size bytes, reserve of them for first
+// chunks, that keeps the gauges inUse and waiting.
+func newBodyBudget(size, reserve int64, inUse, waiting *atomic.Int64) *bodyBudget {
+	return &bodyBudget{size: size, free: size, reserve: reserve, inUse: inUse, waiting: waiting}
+}
+
+// budgetReserve is the reserve of a budget of size bytes for bodies of up
+// to maxBody bytes: a quarter, less if such a body would not fit beside it
+// (max_body_bytes over 48 MiB gives the reserve up).
+func budgetReserve(size, maxBody int64) int64 {
+	return max(min(size/4, size-maxBody-chunkSize), 0)
 }
 
 // fits reports whether n bytes can be taken now.
@@ -257,18 +286,23 @@ func (b *bodyBudget) fits(n int64, first bool) bool {
 	return n+b.reserve <= b.free
 }
 
-// acquire takes n bytes, waiting until they fit, ctx is done (its error),
-// overload is closed (errOverloaded) or timeout passes (errNoBodyRoom). It
-// returns how long it waited.
+// acquire takes n bytes for a body, its first chunk if first, waiting
+// until they fit, ctx is done (its error), overload is closed
+// (errOverloaded), timeout passes or waiting would deadlock
+// (errNoBodyRoom). It returns how long it waited. A body that got its
+// first chunk must call endRead when it is read.
 func (b *bodyBudget) acquire(ctx context.Context, overload <-chan struct{}, n int64, first bool, timeout time.Duration) (time.Duration, error) {
 	b.mu.Lock()
 	if len(b.waiters) == 0 && b.fits(n, first) {
-		b.take(n)
+		b.grant(n, first)
 		b.mu.Unlock()
 		return 0, nil
 	}
 	w := &budgetWaiter{n: n, first: first, ready: make(chan struct{})}
 	b.waiters = append(b.waiters, w)
+	if !first {
+		b.later++
+	}
 	b.grantLocked()
 	b.mu.Unlock()
 
@@ -280,6 +314,9 @@ func (b *bodyBudget) acquire(ctx context.Context, overload <-chan struct{}, n in
 	var err error
 	select {
 	case <-w.ready:
+		if w.refused {
+			return time.Since(start), errNoBodyRoom
+		}
 		return time.Since(start), nil
 	case <-ctx.Done():
 		err = ctx.Err()
@@ -290,19 +327,48 @@ func (b *bodyBudget) acquire(ctx context.Context, overload <-chan struct{}, n in
 	}
 	b.mu.Lock()
 	select {
-	case <-w.ready: // granted meanwhile: give it back
-		b.take(-n)
-	default:
-		for i, o := range b.waiters {
-			if o == w {
-				b.waiters = append(b.waiters[:i], b.waiters[i+1:]...)
-				break
+	case <-w.ready: // granted or refused meanwhile
+		if !w.refused {
+			b.take(-n)
+			if first {
+				b.readers--
 			}
 		}
+	default:
+		b.remove(w)
 	}
 	b.grantLocked()
 	b.mu.Unlock()
 	return time.Since(start), err
+}
+
+// endRead ends the reading of a body that got its first chunk and holds
+// held bytes: kept until release if it was read in whole (done), returned
+// now if not.
+func (b *bodyBudget) endRead(held int64, done bool) {
+	b.mu.Lock()
+	b.readers--
+	if done {
+		b.done += held
+	} else {
+		b.take(-held)
+	}
+	b.grantLocked()
+	b.mu.Unlock()
+}
+
+// release returns n bytes of a body, done if it was read in whole.
+func (b *bodyBudget) release(n int64, done bool) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.take(-n)
+	if done {
+		b.done -= n
+	}
+	b.grantLocked()
+	b.mu.Unlock()
 }
 
 // take takes n bytes (gives them back if n < 0); b.mu is held.
@@ -311,23 +377,37 @@ func (b *bodyBudget) take(n int64) {
 	b.inUse.Add(n)
 }
 
-// release returns n bytes and wakes the waiters that now fit.
-func (b *bodyBudget) release(n int64) {
-	if n == 0 {
-		return
+// grant takes n bytes for a waiter or a newcomer; b.mu is held.
+func (b *bodyBudget) grant(n int64, first bool) {
+	b.take(n)
+	if first {
+		b.readers++
 	}
-	b.mu.Lock()
-	b.take(-n)
-	b.grantLocked()
-	b.mu.Unlock()
 }
 
-// grantLocked gives room to every waiter that fits, in order.
+// remove takes w off the queue; b.mu is held.
+func (b *bodyBudget) remove(w *budgetWaiter) {
+	for i, o := range b.waiters {
+		if o == w {
+			b.waiters = append(b.waiters[:i], b.waiters[i+1:]...)
+			if !w.first {
+				b.later--
+			}
+			return
+		}
+	}
+}
+
+// grantLocked gives room to every waiter that fits, in order, then breaks
+// a deadlock if there is one.
 func (b *bodyBudget) grantLocked() {
 	kept := b.waiters[:0]
 	for _, w := range b.waiters {
 		if b.fits(w.n, w.first) {
-			b.take(w.n)
+			b.grant(w.n, w.first)
+			if !w.first {
+				b.later--
+			}
 			close(w.ready)
 		} else {
 			kept = append(kept, w)
@@ -335,4 +415,16 @@ func (b *bodyBudget) grantLocked() {
 	}
 	clear(b.waiters[len(kept):])
 	b.waiters = kept
+	if b.later > 0 && b.later == b.readers && b.done == 0 {
+		// Every body being read waits, and no room will come back:
+		// refuse the newest, whose room then goes to the others.
+		for i := len(b.waiters) - 1; i >= 0; i-- {
+			if w := b.waiters[i]; !w.first {
+				b.remove(w)
+				w.refused = true
+				close(w.ready)
+				break
+			}
+		}
+	}
 }

@@ -14,36 +14,56 @@ import (
 	"time"
 )
 
-func TestBodyBudgetReserve(t *testing.T) {
+func TestBodyBudget(t *testing.T) {
 	var inUse, waiting atomic.Int64
-	b := newBodyBudget(100, &inUse, &waiting) // the last 25 bytes are the reserve
+	b := newBodyBudget(100, 25, &inUse, &waiting) // the last 25 bytes are the reserve
 	ctx := t.Context()
-	if _, err := b.acquire(ctx, nil, 70, false, time.Second); err != nil {
-		t.Fatal(err)
+	must := func(n int64, first bool) {
+		t.Helper()
+		if _, err := b.acquire(ctx, nil, n, first, time.Second); err != nil {
+			t.Fatalf("acquire(%d, first %v): %v", n, first, err)
+		}
 	}
-	// A later chunk must leave the reserve: 10 + 25 > 30 free.
-	later := make(chan error, 1)
-	go func() { _, err := b.acquire(ctx, nil, 10, false, 10*time.Second); later <- err }()
+	wait := func(n int64, first bool, timeout time.Duration) chan error {
+		done := make(chan error, 1)
+		go func() { _, err := b.acquire(ctx, nil, n, first, timeout); done <- err }()
+		return done
+	}
+	must(10, true) // body A
+	must(50, false)
+	must(10, true) // body B
+	// B's next chunk must leave the reserve: 10 + 25 > 30 free.
+	bNext := wait(10, false, 10*time.Second)
 	waitGauge(t, &waiting, 1)
 	// A first chunk may use the reserve, and does not wait behind it.
-	if _, err := b.acquire(ctx, nil, 20, true, time.Second); err != nil {
-		t.Fatalf("a first chunk waited behind a later one: %v", err)
+	must(20, true)      // body C
+	b.endRead(60, true) // A is read: its 60 bytes come back with its response headers
+	b.release(60, true) // ...now
+	if err := <-bNext; err != nil {
+		t.Fatalf("B's next chunk got no room once it fitted: %v", err)
 	}
-	if got := inUse.Load(); got != 90 {
-		t.Errorf("in use %d; want 90", got)
-	}
-	b.release(70)
-	if err := <-later; err != nil {
-		t.Fatalf("the later chunk got no room once it fitted: %v", err)
-	}
-	// One that cannot fit in time gives up with errNoBodyRoom.
-	if _, err := b.acquire(ctx, nil, 80, false, 50*time.Millisecond); err != errNoBodyRoom {
+	// B and C are being read, 60 bytes free. One that cannot fit in time
+	// gives up with errNoBodyRoom.
+	if _, err := b.acquire(ctx, nil, 50, false, 50*time.Millisecond); err != errNoBodyRoom {
 		t.Errorf("acquire beyond the budget = %v; want errNoBodyRoom", err)
 	}
-	b.release(30)
-	if inUse.Load() != 0 || waiting.Load() != 0 || len(b.waiters) != 0 {
-		t.Errorf("in use %d, waiting %d, %d queued after everything was released; want 0, 0, 0",
-			inUse.Load(), waiting.Load(), len(b.waiters))
+	// C waits for 45; then B waits for 40: both bodies being read wait,
+	// and no room will come back. The newest is refused at once...
+	cNext := wait(45, false, 10*time.Second)
+	waitGauge(t, &waiting, 1)
+	if err := <-wait(40, false, 10*time.Second); err != errNoBodyRoom {
+		t.Fatalf("deadlocked waiter: %v; want errNoBodyRoom at once", err)
+	}
+	// ...and once B gives its room back, C goes on.
+	b.endRead(20, false)
+	if err := <-cNext; err != nil {
+		t.Fatalf("C got no room after B gave up: %v", err)
+	}
+	b.endRead(65, true)
+	b.release(65, true)
+	if inUse.Load() != 0 || waiting.Load() != 0 || len(b.waiters) != 0 || b.readers != 0 || b.done != 0 {
+		t.Errorf("in use %d, waiting %d, %d queued, %d readers, %d done after everything was released; want all 0",
+			inUse.Load(), waiting.Load(), len(b.waiters), b.readers, b.done)
 	}
 }
 
@@ -237,34 +257,40 @@ func TestSteadyUploadOutlastsTimeout(t *testing.T) {
 
 func TestSlowUploadersDoNotDelayASmallPost(t *testing.T) {
 	// Half of max_connections upload large bodies and stall once the
-	// budget outside the reserve is theirs; a 1 KiB POST is still answered
-	// at once, before any of them is.
+	// budget outside the reserve is theirs (the last one waits for room);
+	// a 1 KiB POST is still answered at once, before any of them is.
 	u := newEchoUpstream(t)
 	cfg := testConfig(t, u.URL)
-	cfg.MaxConnections = 8
+	cfg.MaxConnections = 6
 	cfg.Timeout = 5 * time.Second
+	cfg.MaxBodyBytes = 512 << 10
 	tun := testTuning
-	tun.bodyBudget = 1 << 20
+	tun.bodyBudget = 1 << 20 // 768 KiB outside the reserve
 	p := startProxy(t, cfg, tun)
-	answered := make(chan string, 4)
-	for i := range 4 {
+	answered := make(chan string, 3)
+	for i, held := range []int64{300 << 10, 600 << 10, -1} {
 		c, err := net.Dial("tcp", p.addr)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
 		go func() {
-			io.WriteString(c, "POST /v1/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n")
+			io.WriteString(c, "POST /v1/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 512000\r\n\r\n")
 			c.Write(bytes.Repeat([]byte("s"), 300<<10)) // then nothing more
 			res, err := http.ReadResponse(bufio.NewReader(c), nil)
 			if err == nil {
 				answered <- "uploader " + strconv.Itoa(i) + ": " + res.Status
 			}
 		}()
-	}
-	// The uploaders have taken the budget outside the reserve: some wait.
-	if !pollGauge(&p.srv.metrics.waiting[waitBodyBudget], func(n int64) bool { return n >= 2 }) {
-		t.Fatal("the uploaders never filled the budget")
+		// One after the other: each has received its 300 KiB, and the
+		// last waits for room.
+		ok := pollGauge(&p.srv.metrics.bodyBudget, func(n int64) bool { return n >= held })
+		if held < 0 {
+			ok = pollGauge(&p.srv.metrics.waiting[waitBodyBudget], func(n int64) bool { return n == 1 })
+		}
+		if !ok {
+			t.Fatalf("uploader %d: the budget never held its bytes\n%s", i, metricsText(t, p))
+		}
 	}
 	res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", bytes.NewReader(bytes.Repeat([]byte(" "), 1<<10)))
 	if err != nil {

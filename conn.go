@@ -57,7 +57,7 @@ func (l *listener) Close() error {
 // shedAfter is how long a response write must have been blocked for the
 // memory guard to cut it: the client is not reading, and its response's
 // buffers are what grows after a request was admitted.
-const shedAfter = time.Second
+const shedAfter = 250 * time.Millisecond
 
 // shed cuts the responses whose writes have been blocked for shedAfter:
 // their blocked Write fails at once, as if timeout_secs had passed.

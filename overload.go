@@ -107,7 +107,7 @@ func (g *memoryGuard) sample() (started bool) {
 }
 
 // run samples until stop is closed; while the guard acts, it calls shed
-// every second, the first time as soon as it starts acting.
+// every shedAfter, the first time as soon as it starts acting.
 func (g *memoryGuard) run(stop <-chan struct{}, shed func()) {
 	if g.limit.Load() == 0 {
 		return
@@ -121,7 +121,7 @@ func (g *memoryGuard) run(stop <-chan struct{}, shed func()) {
 			return
 		case <-tick.C:
 		}
-		if started := g.sample(); started || g.overloaded() && time.Since(lastShed) >= time.Second {
+		if started := g.sample(); started || g.overloaded() && time.Since(lastShed) >= shedAfter {
 			shed()
 			lastShed = time.Now()
 		}

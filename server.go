@@ -64,7 +64,7 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 		slots:   make(chan struct{}, cfg.MaxConnections),
 		tun:     tun,
 	}
-	s.budget = newBodyBudget(tun.bodyBudget, &s.metrics.bodyBudget, &s.metrics.waiting[waitBodyBudget])
+	s.budget = newBodyBudget(tun.bodyBudget, budgetReserve(tun.bodyBudget, cfg.MaxBodyBytes), &s.metrics.bodyBudget, &s.metrics.waiting[waitBodyBudget])
 	s.guard = newMemoryGuard(tun.overloadAt)
 	s.health = healthHandler(s.metrics, time.Now())
 	s.transport = newTransport(cfg, tun)
@@ -110,10 +110,11 @@ func newTransport(cfg *Config, tun tuning) *http.Transport {
 			PingTimeout:     15 * time.Second, // and drop it if the ping goes unanswered
 			// What an upstream may send on one stream before the proxy
 			// reads it: a client that stops reading leaves this much in the
-			// proxy's memory. 64 KiB, HTTP/2's own default window, instead
-			// of Go's 4 MiB: 1,000 such streams fit in the pod; a stream
-			// still moves 6 MB/s at a 10 ms round trip.
-			MaxReceiveBufferPerStream: 64 << 10,
+			// proxy's memory. 32 KiB instead of Go's 4 MiB, so that 1,000
+			// such streams fit in the pod (bench/abuse, "nonreaders"); a
+			// stream still moves 3 MB/s at a 10 ms round trip, far more
+			// than a model generates.
+			MaxReceiveBufferPerStream: 32 << 10,
 		},
 	}
 }
