@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -89,30 +90,19 @@ const numMethods = len(methodLabels)
 
 // methodIndex returns the index in methodLabels of the label for the request
 // method m. The match is exact and case-sensitive, as net/http passes the
-// method through unchanged; anything else is OTHER. It does not allocate.
+// method through unchanged; anything else is OTHER (a method named "OTHER"
+// is counted there too). It does not allocate.
 func methodIndex(m string) int {
-	switch m {
-	case http.MethodConnect:
-		return 0
-	case http.MethodDelete:
-		return 1
-	case http.MethodGet:
-		return 2
-	case http.MethodHead:
-		return 3
-	case http.MethodOptions:
-		return 4
-	case http.MethodPatch:
-		return 6
-	case http.MethodPost:
-		return 7
-	case http.MethodPut:
-		return 8
-	case http.MethodTrace:
-		return 9
+	for i, label := range methodLabels {
+		if label == m {
+			return i
+		}
 	}
-	return 5 // OTHER
+	return otherMethod
 }
+
+// otherMethod is the index of "OTHER" in methodLabels.
+var otherMethod = slices.Index(methodLabels[:], "OTHER")
 
 // Status codes are kept in fixed arrays indexed by code. net/http only sends
 // codes in 100..999 (WriteHeader panics on anything else), so a code outside
