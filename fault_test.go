@@ -747,7 +747,7 @@ func TestSIGTERMWithFiftyInFlightDrainsAll(t *testing.T) {
 		t.Fatalf("only %d of %d requests reached the upstream", entered.Load(), n)
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	waitLog(t, p.stderr, "shutdown signal, draining")
+	waitLog(t, p.stderr, "draining")
 	if !eventuallyRefused(p.addr) {
 		t.Error("new connections were still accepted while draining; want connection refused")
 	}

@@ -28,6 +28,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -86,83 +87,129 @@ func runWith(ctx context.Context, args []string, getenv func(string) string, std
 		return 1
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
-
-	sigs := make(chan os.Signal, 2)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
-
-	state := Initializing
-	step := func(e Event) Action {
-		next, action := handleEvent(state, e)
-		log.Debug("state", "from", state.String(), "event", e.String(), "to", next.String(), "action", action.String())
-		state = next
-		return action
-	}
-
 	cfg, err := loadConfig(path)
 	if err != nil {
 		log.Error("invalid config: "+err.Error(), "config", path)
 		return 1
 	}
-	if step(ConfigLoaded) != StartListener {
-		return 1
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	p := &process{cfg: cfg, path: path, log: log, tun: tun, sigs: sigs}
+	return p.run(ctx)
+}
+
+// process is the proxy's life from a loaded config to its exit: the loop
+// that turns what happens to it into Events, walks service.go's machine
+// with them, and carries out its Actions.
+type process struct {
+	cfg  *Config
+	path string
+	log  *slog.Logger
+	tun  tuning
+	sigs <-chan os.Signal
+
+	s        *server
+	srv      *http.Server
+	events   chan Event // events the process raises itself
+	serveErr chan error // the listener's failure
+	exitCode int
+}
+
+// run walks the machine from Initializing to Stopped and returns the exit
+// code. Entering Draining starts the drain; its end is an Event.
+func (p *process) run(ctx context.Context) int {
+	p.events = make(chan Event, 2)
+	p.serveErr = make(chan error, 1)
+	p.events <- ConfigLoaded
+	state := Initializing
+	for {
+		var e Event
+		select {
+		case e = <-p.events:
+		case sig := <-p.sigs:
+			p.log.Info("shutdown signal", "signal", sig.String(), "state", state.String())
+			e = ShutdownSignal
+		case <-ctx.Done():
+			p.log.Info("shutdown requested", "state", state.String())
+			ctx = context.Background() // once
+			e = ShutdownSignal
+		case err := <-p.serveErr:
+			p.log.Error("listener failed: "+err.Error(), "listen_addr", p.cfg.ListenAddr)
+			p.exitCode = 1
+			e = ShutdownSignal
+		}
+		next, action := handleEvent(state, e)
+		p.log.Debug("state", "from", state.String(), "event", e.String(), "to", next.String(), "action", action.String())
+		prev := state
+		state = next
+		switch {
+		case action == StartListener:
+			if !p.start() {
+				return 1
+			}
+			p.events <- ListenerReady
+		case action == Shutdown:
+			p.stop(e)
+			return p.exitCode
+		case state == Draining && prev != Draining:
+			p.drain()
+		}
 	}
-	s := newServer(cfg, log, tun)
-	srv := s.httpServer()
-	ln, err := net.Listen("tcp", cfg.ListenAddr)
+}
+
+// start binds the listen address and serves on it.
+func (p *process) start() bool {
+	p.s = newServer(p.cfg, p.log, p.tun)
+	p.srv = p.s.httpServer()
+	ln, err := net.Listen("tcp", p.cfg.ListenAddr)
 	if err != nil {
-		log.Error("cannot listen: "+err.Error(), "config", path, "listen_addr", cfg.ListenAddr)
-		return 1
+		p.log.Error("cannot listen: "+err.Error(), "config", p.path, "listen_addr", p.cfg.ListenAddr)
+		return false
 	}
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(s.listen(ln)) }()
-	step(ListenerReady)
-	log.Info("listening",
+	go func() {
+		// Serve returns ErrServerClosed as soon as the drain begins.
+		if err := p.srv.Serve(p.s.listen(ln)); !errors.Is(err, http.ErrServerClosed) {
+			p.serveErr <- err
+		}
+	}()
+	p.log.Info("listening",
 		"version", version,
-		"config", path,
+		"config", p.path,
 		"listen_addr", ln.Addr().String(),
-		"upstream", cfg.Upstream.String(),
-		"injected_headers", len(cfg.Headers))
+		"upstream", p.cfg.Upstream.String(),
+		"injected_headers", len(p.cfg.Headers))
+	return true
+}
 
-	// Running: until a signal, a cancelled ctx, or a failed listener.
-	select {
-	case sig := <-sigs:
-		log.Info("shutdown signal, draining", "signal", sig.String(), "drain_timeout", tun.drainTimeout.String())
-	case <-ctx.Done():
-		log.Info("shutdown requested, draining", "drain_timeout", tun.drainTimeout.String())
-	case err := <-serveErr:
-		log.Error("listener failed: "+err.Error(), "listen_addr", cfg.ListenAddr)
-		return 1
-	}
-	step(ShutdownSignal)
+// drain stops accepting connections and lets the requests in flight finish
+// for the drain timeout; its outcome is the event Drained or DrainTimeout.
+// Its context is a fresh one: the signal must not cancel the requests it
+// lets finish.
+func (p *process) drain() {
+	p.log.Info("draining", "drain_timeout", p.tun.drainTimeout.String())
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), p.tun.drainTimeout)
+		defer cancel()
+		if err := p.srv.Shutdown(ctx); err != nil {
+			p.events <- DrainTimeout
+		} else {
+			p.events <- Drained
+		}
+	}()
+}
 
-	// Draining: Shutdown closes the listener at once and waits for the
-	// in-flight requests. Its context is a fresh one: the signal must not
-	// cancel the requests it lets finish.
-	drainCtx, cancel := context.WithTimeout(context.Background(), tun.drainTimeout)
-	defer cancel()
-	drained := make(chan error, 1)
-	go func() { drained <- srv.Shutdown(drainCtx) }()
-	var event Event
-	select {
-	case err := <-drained:
-		event = Drained
-		if err != nil {
-			event = DrainTimeout
-		}
-	case sig := <-sigs:
-		log.Info("second shutdown signal, stopping now", "signal", sig.String())
-		event = ShutdownSignal
+// stop closes whatever is still open after the event e ended the process.
+func (p *process) stop(e Event) {
+	if p.srv == nil {
+		return // stopped before the listener started
 	}
-	if step(event) == Shutdown {
-		if event != Drained {
-			log.Warn("closing connections still open", "event", event.String())
-		}
-		s.cutStreams(srv, time.Second) // whatever is still streaming
-		s.transport.CloseIdleConnections()
-		log.Info("stopped", "event", event.String())
+	if e != Drained {
+		p.log.Warn("closing connections still open", "event", e.String())
 	}
-	return 0
+	p.s.cutStreams(p.srv, time.Second) // whatever is still streaming
+	p.s.transport.CloseIdleConnections()
+	p.log.Info("stopped", "event", e.String())
 }
 
 // configPath applies SPEC.md's precedence: -config, then $CONFIG_PATH, then

@@ -288,7 +288,7 @@ func TestRunDrainsInFlightRequests(t *testing.T) {
 	}()
 	<-entered
 	stop() // like SIGTERM
-	waitLog(t, logs, "shutdown requested, draining")
+	waitLog(t, logs, "draining")
 	// The line is logged just before Shutdown closes the listener.
 	if !eventuallyRefused(addr) {
 		t.Error("new connections were still accepted while draining")
@@ -468,7 +468,7 @@ func TestSIGTERMLetsInFlightRequestsFinish(t *testing.T) {
 	}()
 	<-entered
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	waitLog(t, p.stderr, "shutdown signal, draining")
+	waitLog(t, p.stderr, "draining")
 	close(release)
 	if got := <-result; got != "finished" {
 		t.Errorf("in-flight request got %q; want it to finish", got)
@@ -530,7 +530,7 @@ func TestSecondSignalStopsAtOnce(t *testing.T) {
 	defer res.Body.Close()
 	<-entered
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	waitLog(t, p.stderr, "shutdown signal, draining")
+	waitLog(t, p.stderr, "draining")
 	p.cmd.Process.Signal(syscall.SIGINT)
 	if code := p.wait(t, 5*time.Second); code != 0 {
 		t.Errorf("exit %d; want 0", code)
