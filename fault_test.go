@@ -708,7 +708,6 @@ func TestSIGTERMWithFiftyInFlightDrainsAll(t *testing.T) {
 	all := make(chan struct{})
 	release := make(chan struct{})
 	releaseOnce := sync.OnceFunc(func() { close(release) })
-	t.Cleanup(releaseOnce)
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if entered.Add(1) == n {
 			close(all)
@@ -721,6 +720,7 @@ func TestSIGTERMWithFiftyInFlightDrainsAll(t *testing.T) {
 		io.WriteString(w, "finished "+r.URL.Path)
 	}))
 	t.Cleanup(up.Close)
+	t.Cleanup(releaseOnce) // before up.Close, which waits for its handlers
 	p := startProcess(t, validConfig(up.URL), 5*time.Second)
 	c := testClient(t)
 	results := make(chan string, n) // "" for a request that finished as it should
