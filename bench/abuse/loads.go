@@ -37,6 +37,7 @@ type stage struct {
 
 	eventsGot, eventsWant atomic.Int64 // SSE events received, and expected
 	trials                atomic.Int64 // ghost trials sent
+	forwardedEarly        atomic.Int64 // ghost trials forwarded before their clients left: not ghosts
 
 	mu    sync.Mutex
 	notes []string // what the report says about the run

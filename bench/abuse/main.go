@@ -242,7 +242,7 @@ func (h *harness) runScenario(ctx context.Context, sc scenario) *result {
 	case d > time.Second:
 		st.note("idle %.1fs after the clients left", d.Seconds())
 	}
-	r.ghosts, r.trials = h.up.ghosts.Load(), st.trials.Load()
+	r.ghosts, r.trials = h.up.ghosts.Load()-st.forwardedEarly.Load(), st.trials.Load()
 	if nb := h.up.noBeta.Load(); nb > 0 {
 		st.note("%d requests reached the upstream without anthropic-beta: %s", nb, beta)
 	}
