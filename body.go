@@ -25,6 +25,11 @@ const (
 	chunkSize      = 64 << 10
 )
 
+// lingerTime is how long the rest of a body over max_body_bytes is read
+// and discarded after the 413, before the connection closes (nginx's
+// lingering_close, shorter).
+const lingerTime = 500 * time.Millisecond
+
 // minUploadRate is the slowest average rate at which a request body may
 // arrive once timeout_secs have passed (Apache mod_reqtimeout's MinRate):
 // 1 KiB/s. An upload slower than that holds a slot and its budget for
@@ -95,10 +100,16 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 	defer func() {
 		if err == nil {
 			up.setDeadline(time.Time{}) // the connection lives on
+		} else if err == errBodyTooLarge {
+			// After the 413, net/http reads and discards up to 256 KiB of
+			// what is left of the body, then closes the connection: a
+			// client still sending the end of a chunked body gets to read
+			// the answer instead of a reset. lingerTime bounds that.
+			up.setDeadline(time.Now().Add(lingerTime))
 		} else {
-			// net/http would wait to drain the rest of the body before
-			// answering; a failed body is not drained, the connection
-			// closes after the answer.
+			// Any other failed body is not drained: the connection closes
+			// after the answer (under a flood of bodies, draining them
+			// would only feed the flood).
 			up.setDeadline(time.Unix(1, 0))
 		}
 	}()
