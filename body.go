@@ -126,8 +126,9 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 	for {
 		// The next chunk: exactly what is declared, or one byte past the
 		// limit for a body of unknown length, so that an overrun shows.
+		first := len(b.chunks) == 0
 		n := int64(chunkSize)
-		if len(b.chunks) == 0 {
+		if first {
 			n = firstChunkSize
 		}
 		if r.ContentLength >= 0 {
@@ -138,10 +139,9 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 		if n == 0 {
 			return nil
 		}
-		if len(b.chunks) > 0 && s.guard.overloaded() {
+		if !first && s.guard.overloaded() {
 			return errOverloaded // a first chunk was admitted with its request
 		}
-		first := len(b.chunks) == 0
 		up.setDeadline(time.Time{}) // waiting for room is the proxy's doing, not a stall
 		waited, err := s.budget.acquire(r.Context(), s.guard.waiting(), n, first, s.cfg.Timeout)
 		up.start = up.start.Add(waited) // the proxy's wait is not the client's slowness
@@ -258,14 +258,13 @@ func (u *uploadReader) message(err error) string {
 // later), and its room goes to the others, until one can go on.
 type bodyBudget struct {
 	mu      sync.Mutex
-	size    int64
 	free    int64
 	reserve int64
 	waiters []*budgetWaiter
 	readers int           // bodies being read that hold room
 	later   int           // waiters for a body's later chunk
 	done    int64         // room held by bodies read in whole
-	inUse   *atomic.Int64 // gauge: size - free
+	inUse   *atomic.Int64 // gauge: bytes taken
 	waiting *atomic.Int64 // gauge: acquire calls waiting
 }
 
@@ -279,7 +278,7 @@ type budgetWaiter struct {
 // newBodyBudget returns a budget of size bytes, reserve of them for first
 // chunks, that keeps the gauges inUse and waiting.
 func newBodyBudget(size, reserve int64, inUse, waiting *atomic.Int64) *bodyBudget {
-	return &bodyBudget{size: size, free: size, reserve: reserve, inUse: inUse, waiting: waiting}
+	return &bodyBudget{free: size, reserve: reserve, inUse: inUse, waiting: waiting}
 }
 
 // budgetReserve is the reserve of a budget of size bytes for bodies of up

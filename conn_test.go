@@ -42,14 +42,7 @@ func TestClientThatStopsReadingIsCut(t *testing.T) {
 	cfg := testConfig(t, up.URL)
 	cfg.Timeout = 300 * time.Millisecond
 	p := startProxy(t, cfg, testTuning)
-	res, err := testClient(t).Get(p.url + "/v1/files/big")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
-		t.Fatal(err)
-	}
+	stopReading(t, p.url+"/v1/files/big")
 	// The client reads no more. The request ends on its own.
 	l := p.logs.waitRequests(t, 1)[0]
 	if msg, _ := l["error"].(string); l["status"] != float64(499) || !strings.HasPrefix(msg, "client stopped reading") {
@@ -67,6 +60,20 @@ func TestClientThatStopsReadingIsCut(t *testing.T) {
 	})
 	if p.srv.metrics.errorsTotal() != 0 {
 		t.Error("a client that stopped reading was counted as a proxy error")
+	}
+}
+
+// stopReading asks for url and reads 1 KiB of the response, then nothing
+// more until the test ends.
+func stopReading(t testing.TB, url string) {
+	t.Helper()
+	res, err := testClient(t).Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -39,7 +39,7 @@ const clientMargin = time.Second
 // attempt: its upstream may still be generating, and a retry would
 // generate, and bill, the answer again.
 func (s *server) phase2(x *exchange, r *http.Request, start time.Time, scan *streamScanner) {
-	x.headerTimeout, x.maxAttempts = s.cfg.Timeout, s.tun.attempts
+	x.maxAttempts = s.tun.attempts
 	if scan == nil || scan.streaming() {
 		return
 	}

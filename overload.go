@@ -4,7 +4,6 @@ import (
 	"math"
 	"runtime/debug"
 	rtmetrics "runtime/metrics"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -27,9 +26,9 @@ type memoryGuard struct {
 	last    atomic.Int64 // the pressure last sampled
 	over    atomic.Bool
 	// relief is closed when the guard starts acting, so that waiters stop
-	// waiting; a new one is made when pressure falls back.
-	mu     sync.Mutex
-	relief chan struct{}
+	// waiting; a new one is made when pressure falls back. Only sample
+	// writes it; every waiting request reads it.
+	relief atomic.Pointer[chan struct{}]
 }
 
 // pressureMetrics are the runtime/metrics read for each sample: the live
@@ -61,8 +60,10 @@ func newMemoryGuard(limit int64) *memoryGuard {
 			limit = int64(float64(goLimit) * overloadShare)
 		}
 	}
-	g := &memoryGuard{relief: make(chan struct{})}
+	g := &memoryGuard{}
 	g.limit.Store(limit)
+	relief := make(chan struct{})
+	g.relief.Store(&relief)
 	for i, name := range pressureMetrics {
 		g.samples[i].Name = name
 	}
@@ -75,11 +76,7 @@ func (g *memoryGuard) overloaded() bool { return g.over.Load() }
 
 // waiting returns a channel that is closed once the guard acts: a request
 // waiting for something selects on it to give up.
-func (g *memoryGuard) waiting() <-chan struct{} {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.relief
-}
+func (g *memoryGuard) waiting() <-chan struct{} { return *g.relief.Load() }
 
 // sample reads the pressure and reports whether the guard turned to
 // acting with this sample.
@@ -96,12 +93,11 @@ func (g *memoryGuard) sample() (started bool) {
 	if g.over.Swap(over) == over {
 		return false
 	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	if over {
-		close(g.relief)
+		close(*g.relief.Load())
 	} else {
-		g.relief = make(chan struct{})
+		relief := make(chan struct{})
+		g.relief.Store(&relief)
 	}
 	return over
 }

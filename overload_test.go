@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"net/http"
 	"runtime/debug"
 	"strings"
@@ -80,14 +79,7 @@ func TestOverloadCutsResponsesNotReadAndRefusesWaiters(t *testing.T) {
 	cfg.Timeout = time.Minute
 	cfg.MaxConnections = 1
 	p := startProxy(t, cfg, testTuning)
-	res, err := testClient(t).Get(p.url + "/v1/files/big")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
-		t.Fatal(err)
-	}
+	stopReading(t, p.url+"/v1/files/big")
 	waiter := make(chan *http.Response, 1)
 	go func() {
 		res, err := testClient(t).Get(p.url + "/v1/models")

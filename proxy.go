@@ -51,10 +51,9 @@ import (
 // transport's goroutine reads (sendBody); both are set before either
 // starts.
 type exchange struct {
-	context.Context                         // the client's request context
+	context.Context                         // the client's request context; done when the client leaves
 	attempt         context.Context         // the current upstream attempt's context; nil before the first
 	cancel          context.CancelCauseFunc // cancels attempt, with a cause
-	client          context.Context         // the client connection's context
 	id              string                  // "req_" + 32 hex digits
 	attempts        int                     // upstream attempts made
 	upstreamID      string                  // upstream "request-id" response header
@@ -67,8 +66,7 @@ type exchange struct {
 	scan            streamScanner           // looks for "stream" in a Messages body
 	sending         *sendBody               // the current attempt's watched body, if any
 	timeout         time.Duration           // timeout_secs
-	headerTimeout   time.Duration           // phase 2: the wait for response headers, from the write
-	clientDeadline  time.Time               // phase 2 lasts at least until then; zero for none
+	clientDeadline  time.Time               // phase 2 lasts at least until then; zero for timeout_secs alone
 	clientWait      time.Duration           // the client's own timeout behind clientDeadline
 	maxAttempts     int                     // attempts a phase-2 timeout allows
 }
@@ -173,7 +171,7 @@ var errStoppedReading = errors.New("client stopped reading: a response write mad
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	s.inflight.Add(1)
 	defer s.inflight.Done()
-	x := &exchange{id: newRequestID(), client: r.Context(), timeout: s.cfg.Timeout}
+	x := &exchange{Context: r.Context(), id: newRequestID(), timeout: s.cfg.Timeout}
 	x.rec.ResponseWriter = w
 	start := time.Now()
 	defer s.finish(x, r, start)
@@ -192,8 +190,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		x.err = err
 		return
 	case errOverloaded:
-		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
-			"proxy overloaded: memory near its limit, retry later")
+		s.refuseOverloaded(x)
 		return
 	}
 	defer s.releaseSlot()
@@ -222,7 +219,6 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	s.phase2(x, r, start, scan)
 	stripHopByHop(r.Header)
 
-	x.Context = r.Context()
 	defer func() {
 		if x.cancel != nil {
 			x.cancel(nil) // the last attempt's context; the others are cancelled already
@@ -272,8 +268,7 @@ func (s *server) admit(x *exchange, r *http.Request) bool {
 		s.refuse(x, http.StatusServiceUnavailable, refuseTooManyConns, errTypeOverloaded,
 			"proxy overloaded: too many client connections, retry later")
 	case s.guard.overloaded():
-		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
-			"proxy overloaded: memory near its limit, retry later")
+		s.refuseOverloaded(x)
 	default:
 		return true
 	}
@@ -336,8 +331,7 @@ func (s *server) bodyFailed(x *exchange, r *http.Request, err error) {
 		s.refuse(x, http.StatusServiceUnavailable, refuseBodyBudget, errTypeOverloaded,
 			"proxy overloaded: no room to buffer the request body within "+formatSeconds(s.cfg.Timeout)+", retry later")
 	case err == errOverloaded:
-		s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
-			"proxy overloaded: memory near its limit, retry later")
+		s.refuseOverloaded(x)
 	case isClientGone(r.Context(), err):
 		x.err = err
 	default:
@@ -349,6 +343,12 @@ func (s *server) bodyFailed(x *exchange, r *http.Request, err error) {
 func (s *server) refuse(x *exchange, status int, why refusal, kind errorType, msg string) {
 	s.metrics.refuse(why)
 	s.failRequest(&x.rec, x, status, kind, msg, errors.New(msg))
+}
+
+// refuseOverloaded answers a request the memory guard refuses.
+func (s *server) refuseOverloaded(x *exchange) {
+	s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
+		"proxy overloaded: memory near its limit, retry later")
 }
 
 // bodyDone drops the buffered request body once the response headers
@@ -394,7 +394,7 @@ func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
 	status := rec.status
 	// net/http cancels the client's context on any read error, a stalled
 	// body included: a request the proxy answered itself is not "gone".
-	gone := stoppedReading || x.err != nil && x.client.Err() != nil && !x.answered
+	gone := stoppedReading || x.err != nil && x.Err() != nil && !x.answered
 	if gone && s.cutting.Load() {
 		// The proxy closed the connection at the end of the drain; the
 		// client did not leave.
@@ -690,7 +690,7 @@ func (b *idleBody) Read(p []byte) (int, error) {
 	b.timer.Stop()
 	if err != nil && err != io.EOF {
 		switch {
-		case b.x.client.Err() != nil:
+		case b.x.Err() != nil:
 			b.x.err = errClientGone
 		case context.Cause(b.x.attempt) == errIdleTimeout:
 			b.x.err = errors.New("upstream stream idle for " + formatSeconds(b.timeout) + ", closed")
@@ -715,19 +715,19 @@ func (b *idleBody) Close() error {
 // response headers ends here. It is the one place that classifies errors.
 func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	x := exchangeFrom(r.Context())
-	if x.client.Err() != nil {
+	if x.Err() != nil {
 		x.err = errClientGone // nothing is written to a gone client
 		return
 	}
 	if err == errHeaderTimeout {
-		msg := "upstream response timeout after " + formatSeconds(x.headerTimeout) + " (1 attempt)"
-		switch {
-		case !x.clientDeadline.IsZero():
+		attempts := "1 attempt"
+		if x.attempts > 1 {
+			attempts = strconv.Itoa(x.attempts) + " attempts"
+		}
+		msg := "upstream response timeout after " + formatSeconds(x.timeout) + " (" + attempts + ")"
+		if !x.clientDeadline.IsZero() {
 			msg = "upstream response timeout: no response headers within the client's " +
-				formatSeconds(x.clientWait) + " timeout (1 attempt)"
-		case x.attempts > 1:
-			msg = "upstream response timeout after " + formatSeconds(x.headerTimeout) +
-				" (" + strconv.Itoa(x.attempts) + " attempts)"
+				formatSeconds(x.clientWait) + " timeout (" + attempts + ")"
 		}
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTypeTimeout, msg, err)
 		return
@@ -899,7 +899,7 @@ func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.Response, error) {
 	ctx, cancel := context.WithCancelCause(req.Context())
 	x.attempts, x.attempt, x.cancel = n, ctx, cancel
-	hw := &headerWait{timeout: x.headerTimeout, deadline: x.clientDeadline, cancel: cancel}
+	hw := &headerWait{timeout: x.timeout, deadline: x.clientDeadline, cancel: cancel}
 	hw.trace.WroteRequest = hw.wrote
 	out := req.WithContext(httptrace.WithClientTrace(ctx, &hw.trace))
 	if req.GetBody != nil {

@@ -1,25 +1,19 @@
 package main
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log"
-	"math/big"
 	"net"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"oauth-proxy/bench/internal/selfsigned"
 )
 
 // upstream is the stand-in for api.anthropic.com, served from inside the
@@ -68,7 +62,7 @@ var bigChunk = []byte(strings.Repeat("0123456789abcdef", 64<<10/16))
 // close. The certificate goes to dir/upstream.pem.
 func startUpstream(dir string) (*upstream, error) {
 	u := &upstream{certFile: dir + "/upstream.pem", gate: make(chan struct{})}
-	cert, err := selfSigned(u.certFile)
+	cert, err := selfsigned.Certificate("oauth-proxy abuse upstream", u.certFile)
 	if err != nil {
 		return nil, err
 	}
@@ -214,33 +208,4 @@ func (u *upstream) big(w http.ResponseWriter, r *http.Request) {
 		}
 		n -= int64(len(p))
 	}
-}
-
-// selfSigned makes a certificate for 127.0.0.1 and writes it, PEM-encoded,
-// to path.
-func selfSigned(path string) (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "oauth-proxy abuse upstream"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	if err := os.WriteFile(path, pemBytes, 0o644); err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

@@ -29,18 +29,11 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
 	"log"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -51,6 +44,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"oauth-proxy/bench/internal/selfsigned"
 )
 
 const beta = "oauth-2025-04-20"
@@ -117,7 +112,7 @@ func main() {
 		srv.Close()
 	}()
 	if *tlsAddr != "" {
-		cert, err := selfSigned(*certOut)
+		cert, err := selfsigned.Certificate("oauth-proxy bench upstream", *certOut)
 		if err != nil {
 			log.Fatalf("upstream: %v", err)
 		}
@@ -290,34 +285,4 @@ func (u *upstream) cancelledAt(w http.ResponseWriter, r *http.Request) {
 	case <-t.C:
 		http.Error(w, "not cancelled within 3s", http.StatusGatewayTimeout)
 	}
-}
-
-// selfSigned makes a certificate for 127.0.0.1 and writes it, PEM-encoded,
-// to path.
-func selfSigned(path string) (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "oauth-proxy bench upstream"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	if path != "" {
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-			return tls.Certificate{}, err
-		}
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
