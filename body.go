@@ -81,7 +81,7 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 
 // readBody reads r's body into x.body, chunk by chunk: each chunk's room is
 // taken from the budget before it is allocated (waiting for at most
-// timeout_secs), and the upload must keep its pace (uploadReader). A
+// timeout_secs), and the upload must keep its pace (uploadBody). A
 // Messages body is scanned for "stream" as it arrives. What it holds stays
 // in x.body, to be released by the caller even after an error.
 func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, scan *streamScanner) (err error) {
@@ -95,7 +95,7 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 		return errBodyTooLarge
 	}
 	up := &x.upload
-	*up = uploadReader{r: r.Body, timeout: s.cfg.Timeout, start: time.Now()}
+	*up = uploadBody{r: r.Body, timeout: s.cfg.Timeout, start: time.Now()}
 	up.conn, _ = w.(readDeadliner)
 	defer func() {
 		if err == nil {
@@ -179,12 +179,12 @@ func (s *server) dropBody(b *requestBody) {
 	*b = requestBody{}
 }
 
-// uploadReader reads the client's request body against two deadlines on
+// uploadBody reads the client's request body against two deadlines on
 // the client connection, moved before every Read: no byte for timeout_secs
 // (stalled), and, once timeout_secs have passed since the body began, an
 // average below minUploadRate (too slow). There is no ReadTimeout, which
 // would cut streams; this is the only limit on how long a body may take.
-type uploadReader struct {
+type uploadBody struct {
 	r       io.Reader
 	conn    readDeadliner // nil if the ResponseWriter cannot set one
 	timeout time.Duration
@@ -198,13 +198,13 @@ type uploadReader struct {
 // connection's read deadline.
 type readDeadliner interface{ SetReadDeadline(time.Time) error }
 
-func (u *uploadReader) setDeadline(t time.Time) {
+func (u *uploadBody) setDeadline(t time.Time) {
 	if u.conn != nil {
 		u.conn.SetReadDeadline(t)
 	}
 }
 
-func (u *uploadReader) Read(p []byte) (int, error) {
+func (u *uploadBody) Read(p []byte) (int, error) {
 	stall := time.Now().Add(u.timeout)
 	// n bytes at minUploadRate pay for n/minUploadRate seconds from the
 	// start, and the first timeout_secs are free.
@@ -225,7 +225,7 @@ func (u *uploadReader) Read(p []byte) (int, error) {
 
 // explain turns a read error into errBodyStalled or errBodyTooSlow when a
 // deadline expired, and leaves others alone.
-func (u *uploadReader) explain(err error) error {
+func (u *uploadBody) explain(err error) error {
 	var ne interface{ Timeout() bool }
 	if !errors.As(err, &ne) || !ne.Timeout() {
 		return err
@@ -237,7 +237,7 @@ func (u *uploadReader) explain(err error) error {
 }
 
 // uploadMessage is the client-facing text for an upload that timed out.
-func (u *uploadReader) message(err error) string {
+func (u *uploadBody) message(err error) string {
 	if err == errBodyTooSlow {
 		return "request body too slow: " + strconv.FormatInt(u.n, 10) + " bytes in " +
 			strconv.FormatFloat(time.Since(u.start).Seconds(), 'f', 1, 64) + "s, under 1 KiB/s"

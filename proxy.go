@@ -26,50 +26,95 @@ import (
 	"time"
 )
 
-// The life of one proxied request, top to bottom:
+// This file follows one proxied request from top to bottom:
 //
-//  1. serveProxy gives it a request ID and a status-recording writer, and
-//     defers finish, which writes the one log line and the metrics.
-//  2. It waits for a concurrency slot (max_connections).
-//  3. readBody reads the whole body into memory, bounded by max_body_bytes,
-//     by the shared body budget and by a stall deadline, so that a retry
-//     can replay it; modifyResponse releases it once headers arrive.
-//  4. stripHopByHop removes hop-by-hop and forwarding headers from the
-//     client's request, before ReverseProxy sees it.
-//  5. ReverseProxy calls rewrite (upstream URL, raw query, injected
-//     headers), then retryTransport (phase-2 timeouts retried), then
-//     modifyResponse (idle timer on the body) or proxyError (the one place
-//     that turns a failure into a JSON error).
-//  6. The body streams through recorder, flushed after every write.
+//   - server.go's ServeHTTP routes everything but /health and /metrics to
+//     serveProxy, which gives the request an ID and an exchange, and defers
+//     finish.
+//   - Admission: admit refuses what the proxy will not take (a target with
+//     no path, headers over their limits, a connection past the bound,
+//     memory near its limit); takeSlot waits for one of max_connections
+//     slots; body.go's readBody buffers the body against the shared budget
+//     so that a retry can replay it; messages.go's phase2 decides how long
+//     the response headers may take and how many attempts there are.
+//   - The outgoing request: stripHopByHop, then ReverseProxy's rewrite hook
+//     (upstream URL, the path and query byte for byte, the header rules).
+//   - The retry transport: each attempt with its own context and phase-2
+//     timer; an attempt that got no response headers in time is retried.
+//   - The response: modifyResponse refuses a 101, drops the buffered body
+//     and times the upstream's body; clientWriter flushes every write.
+//   - Errors: proxyError and writeError, the one place that turns a failure
+//     into the JSON error of SPEC.md.
+//   - The final record: finish decides the status the request ends with
+//     (outcome), then counts it and writes its one log line.
+//
+// The bodies a request moves through each have a wrapper named for its leg:
+// uploadBody (client to proxy, body.go), sendBody (proxy to upstream),
+// responseBody (upstream to proxy) and clientWriter (proxy to client).
+//
+// Every timing rule, and where it lives:
+//
+//	client's headers      10 s                      server.go httpServer
+//	client's upload       a byte per timeout_secs,
+//	                      1 KiB/s on average → 408  body.go uploadBody
+//	room for the body     timeout_secs → 503        body.go bodyBudget
+//	connect, TLS          5 s each → 502            server.go newTransport
+//	response headers      timeout_secs from the     headerWait, and
+//	                      request's last byte → 504 messages.go phase2
+//	                      (non-streaming message:
+//	                      the client's own timeout)
+//	upstream taking the   a byte per timeout_secs
+//	request body          → 504                     sendBody
+//	response body         a byte per timeout_secs   responseBody
+//	client taking the     a write's progress per
+//	response              timeout_secs → 499        conn.go clientConn
+//	memory near its limit writes blocked 250 ms     conn.go listener.shed
+//	shutdown              5 s drain, then cut       main.go, server.go
 
-// exchange is the per-request state shared by the ReverseProxy hooks, in
-// one allocation. It is the outgoing request's context itself (wrapping
-// the client's), so the hooks find it with exchangeFrom; each upstream
-// attempt derives a context of its own from it, cancellable with a cause.
-// Everything in it is touched only by the request's handler goroutine,
-// except cancel, which timer goroutines call, and timeout, which the
-// transport's goroutine reads (sendBody); both are set before either
-// starts.
+// exchange is one proxied request's state, in one allocation. It is the
+// outgoing request's context itself (wrapping the client's), so the
+// ReverseProxy hooks find it with exchangeFrom. Every field has its value
+// from the start: before the first attempt, attempt is the client's context
+// and cancel does nothing. Everything in it is touched only by the request's
+// handler goroutine, except cancel, which timer goroutines call, and
+// timeout, which the transport's goroutine reads (sendBody).
 type exchange struct {
-	context.Context                         // the client's request context; done when the client leaves
-	attempt         context.Context         // the current upstream attempt's context; nil before the first
-	cancel          context.CancelCauseFunc // cancels attempt, with a cause
-	id              string                  // "req_" + 32 hex digits
-	attempts        int                     // upstream attempts made
-	upstreamID      string                  // upstream "request-id" response header
-	err             error                   // what failed, for the log line
-	answered        bool                    // the proxy wrote its own error response
-	rec             recorder                // wraps the client's ResponseWriter
-	resBody         idleBody                // wraps the upstream's response body
-	body            requestBody             // the buffered request body; empty once headers arrived
-	upload          uploadReader            // reads the client's body against its deadlines
-	scan            streamScanner           // looks for "stream" in a Messages body
-	sending         *sendBody               // the current attempt's watched body, if any
-	timeout         time.Duration           // timeout_secs
-	clientDeadline  time.Time               // phase 2 lasts at least until then; zero for timeout_secs alone
-	clientWait      time.Duration           // the client's own timeout behind clientDeadline
-	maxAttempts     int                     // attempts a phase-2 timeout allows
+	context.Context        // the client's request context; done when the client leaves
+	id              string // "req_" + 32 hex digits
+	timeout         time.Duration
+
+	// Admission and the body (body.go, messages.go).
+	upload         uploadBody    // reads the client's body against its deadlines
+	body           requestBody   // the buffered request body; empty once headers arrived
+	scan           streamScanner // looks for "stream" in a Messages body
+	maxAttempts    int           // attempts a phase-2 timeout allows
+	clientDeadline time.Time     // phase 2 lasts at least until then; zero for timeout_secs alone
+	clientWait     time.Duration // the client's own timeout behind clientDeadline
+
+	// The upstream attempts (retryTransport).
+	attempt  context.Context         // the current attempt's context
+	cancel   context.CancelCauseFunc // cancels attempt, with a cause
+	attempts int                     // attempts made
+	sending  *sendBody               // the current attempt's watched body, if any
+
+	// The response (modifyResponse, clientWriter).
+	response   responseBody // wraps the upstream's response body
+	writer     clientWriter // wraps the client's ResponseWriter
+	upstreamID string       // upstream "request-id" response header
+
+	// The final record (finish).
+	err      error // what failed, for the log line
+	answered bool  // the proxy wrote its own error response
 }
+
+func newExchange(w http.ResponseWriter, r *http.Request, timeout time.Duration) *exchange {
+	x := &exchange{Context: r.Context(), id: newRequestID(), timeout: timeout}
+	x.attempt, x.cancel = x.Context, noCancel
+	x.writer.ResponseWriter = w
+	return x
+}
+
+func noCancel(error) {}
 
 type exchangeKey struct{}
 
@@ -86,93 +131,14 @@ func exchangeFrom(ctx context.Context) *exchange {
 	return x
 }
 
-// getBody is the outgoing request's GetBody: a fresh reader of the buffered
-// body for each attempt. A body in one chunk is read through a
-// *bytes.Reader, which net/http knows to be in memory. A larger body may
-// not fit in the socket and HTTP/2 flow-control buffers, so an upstream
-// that stops reading it could hold the request before any of the timeouts
-// starts; its reader watches for that.
-func (x *exchange) getBody() (io.ReadCloser, error) {
-	var r io.Reader = x.body.reader()
-	if len(x.body.chunks) == 1 {
-		r = bytes.NewReader(x.body.chunks[0])
-	}
-	if x.body.size < sendWatchMin {
-		return io.NopCloser(r), nil
-	}
-	sb := &sendBody{r: r, x: x, cancel: x.cancel}
-	sb.timer = time.AfterFunc(x.timeout, sb.expire)
-	sb.timer.Stop() // armed by each Read: connecting is not stalling
-	x.sending = sb
-	return sb, nil
-}
-
-// sendWatchMin is the body size from which sendBody watches the upload:
-// below it (32 KiB, half the default HTTP/2 stream window) the body is
-// always taken in whole by the kernel or the HTTP/2 window.
-const sendWatchMin = 32 << 10
-
-// errSendStalled is the cancellation cause when the upstream takes no byte
-// of the request body for timeout_secs.
-var errSendStalled = errors.New("upstream stopped reading the request body")
-
-// sendBody is a request body the transport reads from its own goroutine.
-// If timeout_secs pass between two Reads (the write to the upstream is
-// blocked), the exchange is cancelled. Once the response headers arrive
-// the watch ends (done), whatever the transport still writes.
-type sendBody struct {
-	r      io.Reader
-	x      *exchange
-	cancel context.CancelCauseFunc // the attempt's
-	timer  *time.Timer
-	done   atomic.Bool
-}
-
-func (sb *sendBody) Read(p []byte) (int, error) {
-	n, err := sb.r.Read(p)
-	if err != nil || sb.done.Load() {
-		sb.timer.Stop()
-	} else {
-		sb.timer.Reset(sb.x.timeout)
-	}
-	return n, err
-}
-
-func (sb *sendBody) Close() error { sb.stop(); return nil }
-
-func (sb *sendBody) stop() {
-	sb.done.Store(true)
-	sb.timer.Stop()
-}
-
-func (sb *sendBody) expire() {
-	if !sb.done.Load() {
-		sb.cancel(errSendStalled)
-	}
-}
-
-// errIdleTimeout is the cancellation cause when a response body stays silent
-// for timeout_secs (SPEC: phase 3, reset by every chunk).
-var errIdleTimeout = errors.New("upstream stream idle timeout")
-
 // errClientGone marks requests whose client left before they were proxied.
 var errClientGone = errors.New("client went away")
-
-// errCutAtShutdown marks requests still open when the drain timeout ran out.
-var errCutAtShutdown = errors.New("cut at shutdown: still open when the drain timeout ran out")
-
-// errOpaqueTarget marks requests whose target has no path to forward.
-var errOpaqueTarget = errors.New("request target is not a path")
-
-// errStoppedReading marks a response whose client stopped reading it.
-var errStoppedReading = errors.New("client stopped reading: a response write made no progress")
 
 // serveProxy handles every request that is not a local endpoint.
 func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	s.inflight.Add(1)
 	defer s.inflight.Done()
-	x := &exchange{Context: r.Context(), id: newRequestID(), timeout: s.cfg.Timeout}
-	x.rec.ResponseWriter = w
+	x := newExchange(w, r, s.cfg.Timeout)
 	start := time.Now()
 	defer s.finish(x, r, start)
 
@@ -219,11 +185,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 	s.phase2(x, r, start, scan)
 	stripHopByHop(r.Header)
 
-	defer func() {
-		if x.cancel != nil {
-			x.cancel(nil) // the last attempt's context; the others are cancelled already
-		}
-	}()
+	defer func() { x.cancel(nil) }() // the last attempt's; the others are cancelled already
 	out := r.WithContext(x)
 	out.ContentLength = x.body.size
 	out.TransferEncoding = nil
@@ -233,8 +195,25 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 		// Every attempt takes its reader from GetBody (retryTransport).
 		out.GetBody = x.getBody
 	}
-	s.proxy.ServeHTTP(&x.rec, out)
+	s.proxy.ServeHTTP(&x.writer, out)
 }
+
+// newRequestID returns "req_" and 128 random bits in lowercase hex.
+func newRequestID() string {
+	var raw [16]byte
+	rand.Read(raw[:]) // never fails (crypto/rand)
+	var id [4 + 32]byte
+	copy(id[:], "req_")
+	hex.Encode(id[4:], raw[:])
+	return string(id[:])
+}
+
+// Admission: what the proxy refuses before it waits for anything, the
+// concurrency slot, and the answers to a body that could not be read
+// (reading it is body.go's readBody).
+
+// errOpaqueTarget marks requests whose target has no path to forward.
+var errOpaqueTarget = errors.New("request target is not a path")
 
 // Limits on a request's headers (SPEC: Server protections): real clients
 // send under 4 KiB in about 20 fields. nginx's default total is 32 KiB,
@@ -252,7 +231,7 @@ func (s *server) admit(x *exchange, r *http.Request) bool {
 		// A target with no path ("http:foo": a URL without "//") cannot
 		// be joined to upstream_url; sent on, it would be an invalid
 		// request line.
-		s.failRequest(&x.rec, x, http.StatusBadRequest, errTypeInvalidRequest, "request target must be a path", errOpaqueTarget)
+		s.failRequest(&x.writer, x, http.StatusBadRequest, errTypeInvalidRequest, "request target must be a path", errOpaqueTarget)
 		return false
 	}
 	fields, size := headerSize(r)
@@ -264,7 +243,7 @@ func (s *server) admit(x *exchange, r *http.Request) bool {
 		s.refuse(x, http.StatusRequestHeaderFieldsTooLarge, refuseHeadersTooLarge, errTypeInvalidRequest,
 			"request headers take "+strconv.Itoa(size)+" bytes, more than "+strconv.Itoa(maxHeaderBytes))
 	case connFrom(r.Context()).overflowed():
-		x.rec.Header().Set("Connection", "close")
+		x.writer.Header().Set("Connection", "close")
 		s.refuse(x, http.StatusServiceUnavailable, refuseTooManyConns, errTypeOverloaded,
 			"proxy overloaded: too many client connections, retry later")
 	case s.guard.overloaded():
@@ -335,121 +314,20 @@ func (s *server) bodyFailed(x *exchange, r *http.Request, err error) {
 	case isClientGone(r.Context(), err):
 		x.err = err
 	default:
-		s.failRequest(&x.rec, x, http.StatusBadRequest, errTypeInvalidRequest, "cannot read request body: "+err.Error(), err)
+		s.failRequest(&x.writer, x, http.StatusBadRequest, errTypeInvalidRequest, "cannot read request body: "+err.Error(), err)
 	}
 }
 
 // refuse answers a request the proxy refuses by one of its own limits.
 func (s *server) refuse(x *exchange, status int, why refusal, kind errorType, msg string) {
 	s.metrics.refuse(why)
-	s.failRequest(&x.rec, x, status, kind, msg, errors.New(msg))
+	s.failRequest(&x.writer, x, status, kind, msg, errors.New(msg))
 }
 
 // refuseOverloaded answers a request the memory guard refuses.
 func (s *server) refuseOverloaded(x *exchange) {
 	s.refuse(x, http.StatusServiceUnavailable, refuseOverloaded, errTypeOverloaded,
 		"proxy overloaded: memory near its limit, retry later")
-}
-
-// bodyDone drops the buffered request body once the response headers
-// have arrived: no attempt follows, so a long stream need not hold its
-// request's memory or its share of the body budget.
-func (s *server) bodyDone(x *exchange, res *http.Response) {
-	if x.sending != nil {
-		x.sending.stop()
-	}
-	if res.Request != nil && res.Request.Body != nil {
-		res.Request.Body = http.NoBody // the attempt's reader; the transport has its own reference
-	}
-	s.dropBody(&x.body)
-}
-
-// finish records the request once, whatever happened: one log line, the
-// request metrics, and the status. It runs deferred, so it also sees the
-// http.ErrAbortHandler panic with which ReverseProxy leaves a stream that
-// failed after its headers were sent; that panic is passed on so net/http
-// aborts the client connection.
-func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
-	rec := &x.rec
-	p := recover()
-	if p != nil && p != http.ErrAbortHandler {
-		// A bug, not a fault of the peers: keep the process up, answer 500
-		// if nothing was sent yet, and never print a stack trace.
-		x.err = errors.New("internal error: " + panicString(p))
-		if rec.status == 0 {
-			s.writeError(rec, x, http.StatusInternalServerError, "internal proxy error")
-		} else {
-			p = http.ErrAbortHandler
-		}
-	}
-	stoppedReading := errors.Is(rec.writeErr, os.ErrDeadlineExceeded) // clientConn's write deadline
-	switch {
-	case stoppedReading:
-		x.err = fmt.Errorf("%w for %s", errStoppedReading, formatSeconds(s.cfg.Timeout))
-		s.metrics.refuse(refuseStoppedReading)
-	case x.err == nil && rec.writeErr != nil:
-		x.err = rec.writeErr
-	}
-
-	status := rec.status
-	// net/http cancels the client's context on any read error, a stalled
-	// body included: a request the proxy answered itself is not "gone".
-	gone := stoppedReading || x.err != nil && x.Err() != nil && !x.answered
-	if gone && s.cutting.Load() {
-		// The proxy closed the connection at the end of the drain; the
-		// client did not leave.
-		gone = false
-		x.err = errCutAtShutdown
-		if status == 0 {
-			status = http.StatusServiceUnavailable // nothing was sent
-		}
-	}
-	switch {
-	case gone || x.err == errClientGone:
-		status = 499 // client closed request; never counted as an error
-	case status == 0:
-		status = http.StatusOK // ReverseProxy always writes a header; kept total
-	}
-	d := time.Since(start)
-	s.metrics.observe(r.Method, status, d)
-
-	level := slog.LevelInfo
-	if x.err != nil && !gone && x.err != errClientGone {
-		level = slog.LevelWarn
-	}
-	if s.log.Enabled(context.Background(), level) {
-		attrs := make([]slog.Attr, 0, 8)
-		attrs = append(attrs,
-			slog.String("request_id", x.id),
-			slog.String("method", r.Method),
-			slog.String("path", r.URL.Path),
-			slog.Int("status", status),
-			slog.Float64("duration_ms", float64(d.Microseconds())/1000),
-		)
-		if x.upstreamID != "" {
-			attrs = append(attrs, slog.String("upstream_request_id", x.upstreamID))
-		}
-		if x.attempts > 0 {
-			attrs = append(attrs, slog.Int("attempts", x.attempts))
-		}
-		if x.err != nil {
-			attrs = append(attrs, slog.String("error", x.err.Error()))
-		}
-		s.log.LogAttrs(context.Background(), level, "request", attrs...)
-	}
-	if p != nil {
-		panic(p)
-	}
-}
-
-func panicString(p any) string {
-	switch v := p.(type) {
-	case error:
-		return v.Error()
-	case string:
-		return v
-	}
-	return "panic"
 }
 
 // isClientGone reports whether err while reading the request body means the
@@ -461,6 +339,9 @@ func isClientGone(ctx context.Context, err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne)
 }
+
+// The outgoing request: hop-by-hop headers out, the upstream's URL in,
+// the header rules applied.
 
 // hopHeaders are the hop-by-hop headers of RFC 9110 section 7.6.1, plus the
 // non-standard Proxy-Connection. They describe one connection and are never
@@ -634,6 +515,185 @@ func hasToken(list, token string) bool {
 	return false
 }
 
+// The retry transport: each attempt's phase-2 timer, the retries, and
+// the request body each attempt sends.
+
+// errHeaderTimeout is what an attempt returns when the upstream sent no
+// response headers within the request's phase-2 wait; proxyError and
+// retryTransport recognise it by identity.
+var errHeaderTimeout = errors.New("timeout awaiting response headers")
+
+// retryTransport sends each attempt with its phase-2 timer and retries an
+// attempt whose upstream accepted the request but sent no response headers
+// in time: the exchange's maxAttempts in all, pause apart, the same body
+// each time (SPEC: Retries). Nothing else is retried.
+type retryTransport struct {
+	next  http.RoundTripper // with no ResponseHeaderTimeout of its own
+	pause time.Duration     // 100 ms between attempts
+}
+
+func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	x := exchangeFrom(req.Context())
+	for n := 1; ; n++ {
+		res, err := t.attempt(x, req, n)
+		if err != errHeaderTimeout || n >= x.maxAttempts {
+			return res, err
+		}
+		pause := time.NewTimer(t.pause)
+		select {
+		case <-pause.C:
+		case <-req.Context().Done():
+			pause.Stop()
+			return nil, err
+		}
+	}
+}
+
+// attempt sends req once, as attempt n, in a context of its own. Its
+// phase-2 timer starts when the request, body included, has been written,
+// as Transport.ResponseHeaderTimeout's would, and ends when the headers
+// arrive; if it fires first, the attempt is cancelled (over HTTP/1 its
+// connection is closed, over HTTP/2 its stream reset) and errHeaderTimeout
+// returned. A successful attempt's context lives on with the response
+// body.
+func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.Response, error) {
+	ctx, cancel := context.WithCancelCause(req.Context())
+	x.attempts, x.attempt, x.cancel = n, ctx, cancel
+	hw := &headerWait{timeout: x.timeout, deadline: x.clientDeadline, cancel: cancel}
+	hw.trace.WroteRequest = hw.wrote
+	out := req.WithContext(httptrace.WithClientTrace(ctx, &hw.trace))
+	if req.GetBody != nil {
+		// Every attempt, the first included, gets a fresh reader: the
+		// transport may still hold the previous one, and it sends a
+		// reader it knows to be in memory in the same write as the
+		// headers.
+		body, err := req.GetBody()
+		if err != nil {
+			cancel(nil)
+			return nil, err
+		}
+		out.Body = body
+	}
+	res, err := t.next.RoundTrip(out)
+	hw.stop()
+	if err != nil {
+		if context.Cause(ctx) == errHeaderTimeout {
+			err = errHeaderTimeout
+		}
+		cancel(nil) // keeps a cause set before
+	}
+	return res, err
+}
+
+// headerWait is one attempt's phase-2 timer. wrote runs on the
+// transport's goroutine, possibly after the headers have arrived; the
+// mutex makes stop final.
+type headerWait struct {
+	trace    httptrace.ClientTrace
+	timeout  time.Duration
+	deadline time.Time // the timer runs at least until then
+	cancel   context.CancelCauseFunc
+	mu       sync.Mutex
+	timer    *time.Timer
+	stopped  bool
+}
+
+func (hw *headerWait) wrote(info httptrace.WroteRequestInfo) {
+	if info.Err != nil {
+		return // the attempt fails on its own
+	}
+	hw.mu.Lock()
+	if !hw.stopped {
+		hw.timer = time.AfterFunc(max(hw.timeout, time.Until(hw.deadline)), hw.expire)
+	}
+	hw.mu.Unlock()
+}
+
+func (hw *headerWait) expire() {
+	hw.mu.Lock()
+	if !hw.stopped {
+		hw.cancel(errHeaderTimeout)
+	}
+	hw.mu.Unlock()
+}
+
+func (hw *headerWait) stop() {
+	hw.mu.Lock()
+	hw.stopped = true
+	if hw.timer != nil {
+		hw.timer.Stop()
+	}
+	hw.mu.Unlock()
+}
+
+// getBody is the outgoing request's GetBody: a fresh reader of the buffered
+// body for each attempt. A body in one chunk is read through a
+// *bytes.Reader, which net/http knows to be in memory. A larger body may
+// not fit in the socket and HTTP/2 flow-control buffers, so an upstream
+// that stops reading it could hold the request before any of the timeouts
+// starts; its reader watches for that.
+func (x *exchange) getBody() (io.ReadCloser, error) {
+	var r io.Reader = x.body.reader()
+	if len(x.body.chunks) == 1 {
+		r = bytes.NewReader(x.body.chunks[0])
+	}
+	if x.body.size < sendWatchMin {
+		return io.NopCloser(r), nil
+	}
+	sb := &sendBody{r: r, x: x, cancel: x.cancel}
+	sb.timer = time.AfterFunc(x.timeout, sb.expire)
+	sb.timer.Stop() // armed by each Read: connecting is not stalling
+	x.sending = sb
+	return sb, nil
+}
+
+// sendWatchMin is the body size from which sendBody watches the upload:
+// below it (32 KiB, half the default HTTP/2 stream window) the body is
+// always taken in whole by the kernel or the HTTP/2 window.
+const sendWatchMin = 32 << 10
+
+// errSendStalled is the cancellation cause when the upstream takes no byte
+// of the request body for timeout_secs.
+var errSendStalled = errors.New("upstream stopped reading the request body")
+
+// sendBody is a request body the transport reads from its own goroutine.
+// If timeout_secs pass between two Reads (the write to the upstream is
+// blocked), the exchange is cancelled. Once the response headers arrive
+// the watch ends (done), whatever the transport still writes.
+type sendBody struct {
+	r      io.Reader
+	x      *exchange
+	cancel context.CancelCauseFunc // the attempt's
+	timer  *time.Timer
+	done   atomic.Bool
+}
+
+func (sb *sendBody) Read(p []byte) (int, error) {
+	n, err := sb.r.Read(p)
+	if err != nil || sb.done.Load() {
+		sb.timer.Stop()
+	} else {
+		sb.timer.Reset(sb.x.timeout)
+	}
+	return n, err
+}
+
+func (sb *sendBody) Close() error { sb.stop(); return nil }
+
+func (sb *sendBody) stop() {
+	sb.done.Store(true)
+	sb.timer.Stop()
+}
+
+func (sb *sendBody) expire() {
+	if !sb.done.Load() {
+		sb.cancel(errSendStalled)
+	}
+}
+
+// The response: the upstream's headers checked, its body timed as it
+// streams, and every write flushed to the client.
+
 // errSwitchingProtocols refuses an upstream's 101 response: the proxy
 // forwards no Upgrade header, so a protocol switch is never one the client
 // asked for.
@@ -650,24 +710,25 @@ func (s *server) modifyResponse(res *http.Response) error {
 		return errSwitchingProtocols
 	}
 	x := exchangeFrom(res.Request.Context())
-	if x == nil {
-		return nil
-	}
 	x.upstreamID = res.Header.Get("Request-Id")
 	s.bodyDone(x, res)
 	if res.Body != nil && res.Body != http.NoBody {
-		x.resBody = idleBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
-		res.Body = &x.resBody
+		x.response = responseBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
+		res.Body = &x.response
 	}
 	return nil
 }
 
-// idleBody cancels the upstream request when no byte arrives for timeout
+// errIdleTimeout is the cancellation cause when a response body stays silent
+// for timeout_secs (SPEC: phase 3, reset by every chunk).
+var errIdleTimeout = errors.New("upstream stream idle timeout")
+
+// responseBody cancels the upstream request when no byte arrives for timeout
 // (SPEC: phase 3). The timer runs only while Read waits for the upstream,
 // and restarts with every Read: a stream that keeps sending may last for
 // hours, and a client that is slow to take the bytes (the write blocks)
 // never makes the upstream look idle.
-type idleBody struct {
+type responseBody struct {
 	rc      io.ReadCloser
 	x       *exchange
 	metrics *metrics
@@ -675,12 +736,12 @@ type idleBody struct {
 	timeout time.Duration
 }
 
-func (b *idleBody) expire() { b.x.cancel(errIdleTimeout) }
+func (b *responseBody) expire() { b.x.cancel(errIdleTimeout) }
 
 // Read passes data through. A failure is noted on the exchange for the log
 // line and reported to ReverseProxy as context.Canceled, which makes it
 // abort the client connection without logging a second, unrelated line.
-func (b *idleBody) Read(p []byte) (int, error) {
+func (b *responseBody) Read(p []byte) (int, error) {
 	if b.timer == nil {
 		b.timer = time.AfterFunc(b.timeout, b.expire)
 	} else {
@@ -704,12 +765,102 @@ func (b *idleBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *idleBody) Close() error {
+func (b *responseBody) Close() error {
 	if b.timer != nil {
 		b.timer.Stop()
 	}
 	return b.rc.Close()
 }
+
+// bodyDone drops the buffered request body once the response headers
+// have arrived: no attempt follows, so a long stream need not hold its
+// request's memory or its share of the body budget.
+func (s *server) bodyDone(x *exchange, res *http.Response) {
+	if x.sending != nil {
+		x.sending.stop()
+	}
+	if res.Request != nil && res.Request.Body != nil {
+		res.Request.Body = http.NoBody // the attempt's reader; the transport has its own reference
+	}
+	s.dropBody(&x.body)
+}
+
+// clientWriter remembers the status and any write error for the log line and
+// the metrics, and flushes after every write, so each chunk the upstream
+// sends reaches the client at once. Unwrap lets http.ResponseController
+// (which ReverseProxy uses for event streams) reach the real writer.
+type clientWriter struct {
+	http.ResponseWriter
+	status   int
+	writeErr error
+}
+
+func (w *clientWriter) WriteHeader(code int) {
+	if code == http.StatusContinue {
+		// net/http already sent the client its one 100 Continue when the
+		// body was read; one the upstream sends is not passed on.
+		return
+	}
+	if code >= 100 && code < 200 {
+		w.ResponseWriter.WriteHeader(code)
+		return
+	}
+	if w.status == 0 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *clientWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	n, err := w.ResponseWriter.Write(p)
+	if err == nil {
+		err = w.flush()
+	}
+	if err != nil && w.writeErr == nil {
+		w.writeErr = err
+	}
+	return n, err
+}
+
+// flush sends what has been written to the client.
+func (w *clientWriter) flush() error {
+	switch f := w.ResponseWriter.(type) {
+	case interface{ FlushError() error }:
+		return f.FlushError()
+	case http.Flusher:
+		f.Flush()
+	}
+	return nil
+}
+
+func (w *clientWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// copyBufferSize is the size of the pooled buffers that response bodies
+// stream through. Every open stream holds one for its whole life, so it is
+// 16 KiB rather than io.Copy's 32 KiB: 1,000 streams fit in the pod.
+const copyBufferSize = 16 << 10
+
+// bufferPool is ReverseProxy's BufferPool. It stores array pointers, so
+// Put does not allocate.
+type bufferPool struct{ p sync.Pool }
+
+func (bp *bufferPool) Get() []byte {
+	if b, ok := bp.p.Get().(*[copyBufferSize]byte); ok {
+		return b[:]
+	}
+	return make([]byte, copyBufferSize)
+}
+
+func (bp *bufferPool) Put(b []byte) {
+	if len(b) == copyBufferSize {
+		bp.p.Put((*[copyBufferSize]byte)(b))
+	}
+}
+
+// Errors: the one place a failure becomes the client's JSON error.
 
 // proxyError is ReverseProxy's ErrorHandler: every failure before the
 // response headers ends here. It is the one place that classifies errors.
@@ -732,7 +883,7 @@ func (s *server) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTypeTimeout, msg, err)
 		return
 	}
-	if x.attempt != nil && context.Cause(x.attempt) == errSendStalled {
+	if context.Cause(x.attempt) == errSendStalled {
 		msg := "upstream stopped reading the request body for " + formatSeconds(s.cfg.Timeout)
 		s.failRequest(w, x, http.StatusGatewayTimeout, errTypeTimeout, msg, errSendStalled)
 		return
@@ -858,195 +1009,118 @@ func formatSeconds(d time.Duration) string {
 	return d.String()
 }
 
-// errHeaderTimeout is what an attempt returns when the upstream sent no
-// response headers within the request's phase-2 wait; proxyError and
-// retryTransport recognise it by identity.
-var errHeaderTimeout = errors.New("timeout awaiting response headers")
+// The final record: the status the request ends with, its metrics and its
+// log line.
 
-// retryTransport sends each attempt with its phase-2 timer and retries an
-// attempt whose upstream accepted the request but sent no response headers
-// in time: the exchange's maxAttempts in all, pause apart, the same body
-// each time (SPEC: Retries). Nothing else is retried.
-type retryTransport struct {
-	next  http.RoundTripper // with no ResponseHeaderTimeout of its own
-	pause time.Duration     // 100 ms between attempts
-}
+// errCutAtShutdown marks requests still open when the drain timeout ran out.
+var errCutAtShutdown = errors.New("cut at shutdown: still open when the drain timeout ran out")
 
-func (t *retryTransport) RoundTrip(req *http.Request) (*http.Response, error) {
-	x := exchangeFrom(req.Context())
-	for n := 1; ; n++ {
-		res, err := t.attempt(x, req, n)
-		if err != errHeaderTimeout || n >= x.maxAttempts {
-			return res, err
-		}
-		pause := time.NewTimer(t.pause)
-		select {
-		case <-pause.C:
-		case <-req.Context().Done():
-			pause.Stop()
-			return nil, err
+// errStoppedReading marks a response whose client stopped reading it.
+var errStoppedReading = errors.New("client stopped reading: a response write made no progress")
+
+// finish records the request once, whatever happened: its final status
+// (outcome), its metrics and its one log line. It runs deferred, so it also
+// sees the http.ErrAbortHandler panic with which ReverseProxy leaves a
+// stream that failed after its headers were sent; that panic is passed on
+// so net/http aborts the client connection.
+func (s *server) finish(x *exchange, r *http.Request, start time.Time) {
+	p := recover()
+	if p != nil && p != http.ErrAbortHandler {
+		// A bug, not a fault of the peers: keep the process up, answer 500
+		// if nothing was sent yet, and never print a stack trace.
+		x.err = errors.New("internal error: " + panicString(p))
+		if x.writer.status == 0 {
+			s.writeError(&x.writer, x, http.StatusInternalServerError, "internal proxy error")
+		} else {
+			p = http.ErrAbortHandler
 		}
 	}
+	status, gone := s.outcome(x)
+	d := time.Since(start)
+	s.metrics.observe(r.Method, status, d)
+	s.logRequest(x, r, status, d, gone)
+	if p != nil {
+		panic(p)
+	}
 }
 
-// attempt sends req once, as attempt n, in a context of its own. Its
-// phase-2 timer starts when the request, body included, has been written,
-// as Transport.ResponseHeaderTimeout's would, and ends when the headers
-// arrive; if it fires first, the attempt is cancelled (over HTTP/1 its
-// connection is closed, over HTTP/2 its stream reset) and errHeaderTimeout
-// returned. A successful attempt's context lives on with the response
-// body.
-func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.Response, error) {
-	ctx, cancel := context.WithCancelCause(req.Context())
-	x.attempts, x.attempt, x.cancel = n, ctx, cancel
-	hw := &headerWait{timeout: x.timeout, deadline: x.clientDeadline, cancel: cancel}
-	hw.trace.WroteRequest = hw.wrote
-	out := req.WithContext(httptrace.WithClientTrace(ctx, &hw.trace))
-	if req.GetBody != nil {
-		// Every attempt, the first included, gets a fresh reader: the
-		// transport may still hold the previous one, and it sends a
-		// reader it knows to be in memory in the same write as the
-		// headers.
-		body, err := req.GetBody()
-		if err != nil {
-			cancel(nil)
-			return nil, err
+// outcome decides the status a request is recorded with, and whether it
+// ended because its client left, which is never an error of the proxy's:
+//
+//   - the client left, or stopped reading the response: 499, whatever was
+//     sent (nginx's "client closed request");
+//   - the proxy cut it at the end of the drain: the status sent, or 503
+//     if none was;
+//   - otherwise the status sent; 200 if none was, since ReverseProxy
+//     always writes one and the metrics must add up.
+//
+// It completes x.err from the last write's error.
+func (s *server) outcome(x *exchange) (status int, gone bool) {
+	w := &x.writer
+	stoppedReading := errors.Is(w.writeErr, os.ErrDeadlineExceeded) // clientConn's write deadline
+	switch {
+	case stoppedReading:
+		x.err = fmt.Errorf("%w for %s", errStoppedReading, formatSeconds(s.cfg.Timeout))
+		s.metrics.refuse(refuseStoppedReading)
+	case x.err == nil && w.writeErr != nil:
+		x.err = w.writeErr
+	}
+	// net/http cancels the client's context on any read error, a stalled
+	// body included: a request the proxy answered itself is not "gone".
+	gone = stoppedReading || x.err != nil && x.Err() != nil && !x.answered
+	status = w.status
+	switch {
+	case gone && s.cutting.Load():
+		// The proxy closed the connection at the end of the drain; the
+		// client did not leave.
+		gone, x.err = false, errCutAtShutdown
+		if status == 0 {
+			status = http.StatusServiceUnavailable // nothing was sent
 		}
-		out.Body = body
+	case gone || x.err == errClientGone:
+		gone, status = true, 499
+	case status == 0:
+		status = http.StatusOK
 	}
-	res, err := t.next.RoundTrip(out)
-	hw.stop()
-	if err != nil {
-		if context.Cause(ctx) == errHeaderTimeout {
-			err = errHeaderTimeout
-		}
-		cancel(nil) // keeps a cause set before
-	}
-	return res, err
+	return status, gone
 }
 
-// headerWait is one attempt's phase-2 timer. wrote runs on the
-// transport's goroutine, possibly after the headers have arrived; the
-// mutex makes stop final.
-type headerWait struct {
-	trace    httptrace.ClientTrace
-	timeout  time.Duration
-	deadline time.Time // the timer runs at least until then
-	cancel   context.CancelCauseFunc
-	mu       sync.Mutex
-	timer    *time.Timer
-	stopped  bool
-}
-
-func (hw *headerWait) wrote(info httptrace.WroteRequestInfo) {
-	if info.Err != nil {
-		return // the attempt fails on its own
+// logRequest writes the request's one log line: a warning when the proxy
+// or the upstream failed it, info otherwise.
+func (s *server) logRequest(x *exchange, r *http.Request, status int, d time.Duration, gone bool) {
+	level := slog.LevelInfo
+	if x.err != nil && !gone {
+		level = slog.LevelWarn
 	}
-	hw.mu.Lock()
-	if !hw.stopped {
-		hw.timer = time.AfterFunc(max(hw.timeout, time.Until(hw.deadline)), hw.expire)
-	}
-	hw.mu.Unlock()
-}
-
-func (hw *headerWait) expire() {
-	hw.mu.Lock()
-	if !hw.stopped {
-		hw.cancel(errHeaderTimeout)
-	}
-	hw.mu.Unlock()
-}
-
-func (hw *headerWait) stop() {
-	hw.mu.Lock()
-	hw.stopped = true
-	if hw.timer != nil {
-		hw.timer.Stop()
-	}
-	hw.mu.Unlock()
-}
-
-// recorder remembers the status and any write error for the log line and
-// the metrics, and flushes after every write, so each chunk the upstream
-// sends reaches the client at once. Unwrap lets http.ResponseController
-// (which ReverseProxy uses for event streams) reach the real writer.
-type recorder struct {
-	http.ResponseWriter
-	status   int
-	writeErr error
-}
-
-func (w *recorder) WriteHeader(code int) {
-	if code == http.StatusContinue {
-		// net/http already sent the client its one 100 Continue when the
-		// body was read; one the upstream sends is not passed on.
+	if !s.log.Enabled(context.Background(), level) {
 		return
 	}
-	if code >= 100 && code < 200 {
-		w.ResponseWriter.WriteHeader(code)
-		return
+	attrs := make([]slog.Attr, 0, 8)
+	attrs = append(attrs,
+		slog.String("request_id", x.id),
+		slog.String("method", r.Method),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", status),
+		slog.Float64("duration_ms", float64(d.Microseconds())/1000),
+	)
+	if x.upstreamID != "" {
+		attrs = append(attrs, slog.String("upstream_request_id", x.upstreamID))
 	}
-	if w.status == 0 {
-		w.status = code
+	if x.attempts > 0 {
+		attrs = append(attrs, slog.Int("attempts", x.attempts))
 	}
-	w.ResponseWriter.WriteHeader(code)
+	if x.err != nil {
+		attrs = append(attrs, slog.String("error", x.err.Error()))
+	}
+	s.log.LogAttrs(context.Background(), level, "request", attrs...)
 }
 
-func (w *recorder) Write(p []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
+func panicString(p any) string {
+	switch v := p.(type) {
+	case error:
+		return v.Error()
+	case string:
+		return v
 	}
-	n, err := w.ResponseWriter.Write(p)
-	if err == nil {
-		err = w.flush()
-	}
-	if err != nil && w.writeErr == nil {
-		w.writeErr = err
-	}
-	return n, err
-}
-
-// flush sends what has been written to the client.
-func (w *recorder) flush() error {
-	switch f := w.ResponseWriter.(type) {
-	case interface{ FlushError() error }:
-		return f.FlushError()
-	case http.Flusher:
-		f.Flush()
-	}
-	return nil
-}
-
-func (w *recorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
-
-// newRequestID returns "req_" and 128 random bits in lowercase hex.
-func newRequestID() string {
-	var raw [16]byte
-	rand.Read(raw[:]) // never fails (crypto/rand)
-	var id [4 + 32]byte
-	copy(id[:], "req_")
-	hex.Encode(id[4:], raw[:])
-	return string(id[:])
-}
-
-// copyBufferSize is the size of the pooled buffers that response bodies
-// stream through. Every open stream holds one for its whole life, so it is
-// 16 KiB rather than io.Copy's 32 KiB: 1,000 streams fit in the pod.
-const copyBufferSize = 16 << 10
-
-// bufferPool is ReverseProxy's BufferPool. It stores array pointers, so
-// Put does not allocate.
-type bufferPool struct{ p sync.Pool }
-
-func (bp *bufferPool) Get() []byte {
-	if b, ok := bp.p.Get().(*[copyBufferSize]byte); ok {
-		return b[:]
-	}
-	return make([]byte, copyBufferSize)
-}
-
-func (bp *bufferPool) Put(b []byte) {
-	if len(b) == copyBufferSize {
-		bp.p.Put((*[copyBufferSize]byte)(b))
-	}
+	return "panic"
 }

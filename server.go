@@ -71,7 +71,7 @@ func newServer(cfg *Config, log *slog.Logger, tun tuning) *server {
 	s.proxy = &httputil.ReverseProxy{
 		Rewrite:   s.rewrite,
 		Transport: &retryTransport{next: s.transport, pause: tun.retryPause},
-		// recorder flushes after every write, and ReverseProxy itself
+		// clientWriter flushes after every write, and ReverseProxy itself
 		// flushes event streams and bodies of unknown length at once. An
 		// interval of -1 would add a separate write of the headers alone
 		// (and a goroutine) to every response.
