@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -87,31 +86,6 @@ func TestChunkReader(t *testing.T) {
 			t.Errorf("read in %d-byte pieces: %q; want abcdefghij", size, got)
 		}
 	}
-}
-
-// holdingUpstream reads each request's body, reports its path, and holds
-// the request until release is closed, without sending headers: the
-// proxy keeps the body's budget meanwhile.
-func holdingUpstream(t testing.TB) (up *httptest.Server, entered chan string, release chan struct{}) {
-	entered = make(chan string, 64)
-	release = make(chan struct{})
-	up = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		entered <- r.URL.Path
-		select {
-		case <-release:
-		case <-r.Context().Done():
-		}
-	}))
-	t.Cleanup(up.Close)
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
-	return up, entered, release
 }
 
 func TestBodyHoldsItsSizeWhateverItsFraming(t *testing.T) {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -16,24 +15,6 @@ import (
 	"testing"
 	"time"
 )
-
-// bigUpstream answers every request with size bytes, as fast as it can,
-// and reports when its handler has returned.
-func bigUpstream(t testing.TB, size int) (*httptest.Server, chan struct{}) {
-	done := make(chan struct{}, 1)
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() { done <- struct{}{} }()
-		w.Header().Set("Content-Length", strconv.Itoa(size))
-		chunk := bytes.Repeat([]byte("z"), 64<<10)
-		for n := 0; n < size; n += len(chunk) {
-			if _, err := w.Write(chunk[:min(len(chunk), size-n)]); err != nil {
-				return
-			}
-		}
-	}))
-	t.Cleanup(up.Close)
-	return up, done
-}
 
 func TestClientThatStopsReadingIsCut(t *testing.T) {
 	// 64 MiB is far more than the loopback socket buffers hold: the
@@ -60,20 +41,6 @@ func TestClientThatStopsReadingIsCut(t *testing.T) {
 	})
 	if p.srv.metrics.errorsTotal() != 0 {
 		t.Error("a client that stopped reading was counted as a proxy error")
-	}
-}
-
-// stopReading asks for url and reads 1 KiB of the response, then nothing
-// more until the test ends.
-func stopReading(t testing.TB, url string) {
-	t.Helper()
-	res, err := testClient(t).Get(url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { res.Body.Close() })
-	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -113,38 +113,6 @@ func consumeRequest(br *bufio.Reader) bool {
 // waitClosed reads and discards until the peer closes the connection.
 func waitClosed(c net.Conn) { io.Copy(io.Discard, c) }
 
-// rawExchange sends req verbatim on a new connection and returns every byte
-// the proxy sends until it closes the connection. It fails if the
-// connection is still open after limit.
-func rawExchange(t testing.TB, addr, req string, limit time.Duration) string {
-	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(limit))
-	if _, err := io.WriteString(c, req); err != nil {
-		t.Fatal(err)
-	}
-	got, err := io.ReadAll(c)
-	if err != nil {
-		t.Fatalf("connection not closed by the proxy within %v (%v); read %q", limit, err, got)
-	}
-	return string(got)
-}
-
-// checkMetrics compares series of the proxy's /metrics with want.
-func checkMetrics(t testing.TB, p *testProxy, want map[string]string) {
-	t.Helper()
-	m := metricsText(t, p)
-	for series, v := range want {
-		if got := metricValue(m, series); got != v {
-			t.Errorf("%s = %q; want %s", series, got, v)
-		}
-	}
-}
-
 func TestUpstreamDripFeedOutlivesTimeout(t *testing.T) {
 	// One SSE event, one byte every 200 ms: 1.8 s in all, more than three
 	// times timeout_secs, but never silent for as long as timeout_secs.

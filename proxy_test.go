@@ -20,63 +20,6 @@ import (
 	"github.com/google/go-cmp/cmp"
 )
 
-// echoUpstream records the last request it received and answers 200.
-type echoUpstream struct {
-	*httptest.Server
-	mu       sync.Mutex
-	last     *http.Request
-	lastBody []byte
-	hits     atomic.Int64
-}
-
-func newEchoUpstream(t testing.TB) *echoUpstream {
-	u := &echoUpstream{}
-	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		u.mu.Lock()
-		u.last, u.lastBody = r, body
-		u.mu.Unlock()
-		u.hits.Add(1)
-		w.Header().Set("Request-Id", "req_upstream_1")
-		w.Write([]byte("ok"))
-	}))
-	t.Cleanup(u.Close)
-	return u
-}
-
-func (u *echoUpstream) request() (*http.Request, []byte) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.last, u.lastBody
-}
-
-// send makes one request through the proxy and returns what the upstream
-// received.
-func send(t *testing.T, p *testProxy, u *echoUpstream, method, path string, header http.Header) *http.Request {
-	t.Helper()
-	req, err := http.NewRequest(method, p.url+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, vs := range header {
-		req.Header[k] = vs
-	}
-	res, err := testClient(t).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(io.Discard, res.Body)
-	res.Body.Close()
-	if res.StatusCode != 200 {
-		t.Fatalf("status = %d; want 200", res.StatusCode)
-	}
-	got, _ := u.request()
-	if got == nil {
-		t.Fatal("upstream received nothing")
-	}
-	return got
-}
-
 func TestHeaderModes(t *testing.T) {
 	tests := []struct {
 		name   string
