@@ -317,3 +317,28 @@ func TestNoRoomForTheBodyIs503(t *testing.T) {
 		`proxy_upstream_errors_total{error_type="overloaded"}`: "1",
 	})
 }
+
+func TestExpectContinueBodyTooLarge(t *testing.T) {
+	// A declared body over max_body_bytes is refused before net/http sends
+	// 100 Continue, so the client never sends it; the connection is closed
+	// after the 413, since the unsent body cannot be skipped.
+	u := newEchoUpstream(t)
+	p := startProxy(t, testConfig(t, u.URL), testTuning)
+	raw := rawExchange(t, p.addr, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+		"Content-Length: 10485761\r\nExpect: 100-continue\r\n\r\n", 5*time.Second)
+	if !strings.HasPrefix(raw, "HTTP/1.1 413 Request Entity Too Large\r\n") || strings.Contains(raw, "100 Continue") {
+		t.Fatalf("client got %q; want a 413 and no 100 Continue", raw)
+	}
+	res, err := http.ReadResponse(bufio.NewReader(strings.NewReader(raw)), nil)
+	if err != nil {
+		t.Fatalf("response %q does not parse: %v", raw, err)
+	}
+	if e := readError(t, res, http.StatusRequestEntityTooLarge); e.Error.Message != "request body exceeds 10485760 bytes" {
+		t.Errorf("message = %q", e.Error.Message)
+	}
+	if n := u.hits.Load(); n != 0 {
+		t.Errorf("upstream saw %d requests; want none", n)
+	}
+	p.logs.waitRequests(t, 1)
+	checkMetrics(t, p, map[string]string{`proxy_upstream_errors_total{error_type="invalid_request"}`: "1"})
+}

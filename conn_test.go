@@ -395,3 +395,138 @@ type fakeAddr string
 
 func (a fakeAddr) Network() string { return "udp" }
 func (a fakeAddr) String() string  { return string(a) }
+
+func TestSlowlorisHeadersClosedAtHeaderTimeout(t *testing.T) {
+	u := newEchoUpstream(t)
+	tun := testTuning
+	tun.headerTimeout = 300 * time.Millisecond
+	p := startProxy(t, testConfig(t, u.URL), tun)
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	start := time.Now()
+	io.WriteString(c, "GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+	closed := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(c)
+		closed <- b
+	}()
+	// Trickle one header byte every 50 ms; each byte arrives well inside
+	// any per-read timeout, so only a deadline on the whole header stops it.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	limit := time.After(5 * time.Second)
+	for {
+		select {
+		case <-tick.C:
+			c.Write([]byte("a"))
+			continue
+		case got := <-closed:
+			if elapsed := time.Since(start); elapsed < 250*time.Millisecond {
+				t.Errorf("connection closed after %v; want it open until the 300ms header timeout", elapsed)
+			}
+			if len(got) != 0 {
+				t.Errorf("proxy answered %q; want the connection closed without a response", got)
+			}
+		case <-limit:
+			t.Fatal("connection still open 5 s into a header trickle; want it closed after 300ms")
+		}
+		break
+	}
+	if n := u.hits.Load(); n != 0 {
+		t.Errorf("upstream saw %d requests; want none", n)
+	}
+	if n := len(p.logs.requests(t)); n != 0 {
+		t.Errorf("%d request log lines; want none for a request never read", n)
+	}
+}
+
+func TestHTTP10Client(t *testing.T) {
+	// An HTTP/1.0 client without Host gets a readable HTTP/1.0 response,
+	// then the connection is closed: with a Content-Length, and for a
+	// stream, whose end the closed connection marks.
+	tests := []struct {
+		name   string
+		handle func(w http.ResponseWriter)
+		body   string
+	}{
+		{"fixed length", func(w http.ResponseWriter) {
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "fixed")
+		}, "fixed"},
+		{"stream", func(w http.ResponseWriter) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			for i := range 3 {
+				io.WriteString(w, "data: "+strconv.Itoa(i)+"\n\n")
+				w.(http.Flusher).Flush()
+			}
+		}, "data: 0\n\ndata: 1\n\ndata: 2\n\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { tt.handle(w) }))
+			t.Cleanup(up.Close)
+			p := startProxy(t, testConfig(t, up.URL), testTuning)
+			raw := rawExchange(t, p.addr, "GET /v1/models HTTP/1.0\r\n\r\n", 5*time.Second)
+			res, err := http.ReadResponse(bufio.NewReader(strings.NewReader(raw)), &http.Request{Method: "GET"})
+			if err != nil {
+				t.Fatalf("response %q does not parse: %v", raw, err)
+			}
+			body, err := io.ReadAll(res.Body)
+			if err != nil || res.StatusCode != 200 || res.Proto != "HTTP/1.0" || string(body) != tt.body {
+				t.Errorf("got %s %d %q (%v); want HTTP/1.0 200 %q", res.Proto, res.StatusCode, body, err, tt.body)
+			}
+		})
+	}
+}
+
+// A POST whose client gave up while it waited for a slot is not sent
+// upstream once the slot frees: net/http sees the disconnect only after the
+// body is read, and the proxy looks before forwarding.
+func TestQueuedPostFromGoneClientIsNotForwarded(t *testing.T) {
+	release := make(chan struct{})
+	entered := make(chan string, 4)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		entered <- r.URL.Path
+		if r.URL.Path == "/holder" {
+			<-release
+		}
+	}))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, up.URL)
+	cfg.MaxConnections = 1
+	p := startProxy(t, cfg, testTuning)
+	go testClient(t).Get(p.url + "/holder")
+	<-entered
+
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+	waitQueuedSlot(t, p)
+	c.Close() // gives up while queued
+	close(release)
+	lines := p.logs.waitRequests(t, 2)
+	for _, l := range lines {
+		if l["path"] == "/gone" && l["status"] != float64(499) {
+			t.Errorf("gone client's request logged %v; want 499", l)
+		}
+	}
+	select {
+	case path := <-entered:
+		t.Errorf("%s reached the upstream after its client left", path)
+	default:
+	}
+}
+
+// waitQueuedSlot waits until a request is waiting for p's only slot: the
+// handler has started (the request log is written only at its end), so it
+// polls the server's in-flight count through the slot channel's fullness
+// and a short settle.
+func waitQueuedSlot(t testing.TB, p *testProxy) {
+	t.Helper()
+	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
+}
