@@ -313,8 +313,8 @@ func TestClientGoneWhileWaitingForSlotIsNeverSent(t *testing.T) {
 		_, err := c.Do(req)
 		errc <- err
 	}()
-	// The waiter's request is logged when it gives up; until then it waits.
-	time.Sleep(100 * time.Millisecond)
+	// The waiter gives up once it waits for the slot.
+	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
 	cancel()
 	if err := <-errc; err == nil {
 		t.Fatal("cancelled request succeeded")
