@@ -358,10 +358,11 @@ func TestBodyBudgetWaitsForRoom(t *testing.T) {
 		t.Fatalf("upstream got %s first", got)
 	}
 	go post("/second")
+	waitGauge(t, &p.srv.metrics.waiting[waitBodyBudget], 1)
 	select {
 	case got := <-entered:
 		t.Fatalf("%s reached the upstream while the budget was full", got)
-	case <-time.After(200 * time.Millisecond):
+	default:
 	}
 	close(release)
 	if got := next(); got != "/second" {
