@@ -61,9 +61,13 @@ func TestBodyBudget(t *testing.T) {
 	}
 	b.endRead(65, true)
 	b.release(65, true)
-	if inUse.Load() != 0 || waiting.Load() != 0 || len(b.waiters) != 0 || b.readers != 0 || b.done != 0 {
-		t.Errorf("in use %d, waiting %d, %d queued, %d readers, %d done after everything was released; want all 0",
-			inUse.Load(), waiting.Load(), len(b.waiters), b.readers, b.done)
+	if inUse.Load() != 0 || waiting.Load() != 0 || b.readers != 0 || b.done != 0 {
+		t.Errorf("in use %d, waiting %d, %d readers, %d done after everything was released; want all 0",
+			inUse.Load(), waiting.Load(), b.readers, b.done)
+	}
+	// Nothing is left queued: the whole budget is taken at once.
+	if waited, err := b.acquire(ctx, nil, 100, true, 50*time.Millisecond); err != nil || waited != 0 {
+		t.Errorf("acquire of the whole budget once all was released: waited %v, %v; want it taken at once", waited, err)
 	}
 }
 
