@@ -318,12 +318,21 @@ func waitGauge(t testing.TB, g *atomic.Int64, want int64) {
 
 // pollGauge reports whether the gauge g satisfies ok within 5 s.
 func pollGauge(g *atomic.Int64, ok func(int64) bool) bool {
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		if ok(g.Load()) {
-			return true
+	return eventually(time.Millisecond, func() bool { return ok(g.Load()) })
+}
+
+// eventually reports whether cond holds within 5 s, checking it every
+// interval: how a test waits for a state it can observe but is not told
+// of, such as a gauge or the process's goroutine count.
+func eventually(every time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
 		}
+		time.Sleep(every) // the polling interval
 	}
-	return false
+	return true
 }
 
 // echoUpstream records the last request it received and answers 200.

@@ -356,16 +356,13 @@ func TestRunWalksTheStateMachine(t *testing.T) {
 // (ECONNREFUSED) within a few seconds. A connection still in the accept
 // queue when the listener closes is reset, so it polls.
 func eventuallyRefused(addr string) bool {
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	return eventually(10*time.Millisecond, func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
 		}
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			return true
-		}
-	}
-	return false
+		return errors.Is(err, syscall.ECONNREFUSED)
+	})
 }
 
 // waitLog waits until a log line with msg appears.

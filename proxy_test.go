@@ -1181,7 +1181,7 @@ func TestLongStreamThatKeepsSendingSurvives(t *testing.T) {
 		for i := range 24 { // 24 × 100 ms = 2.4 s, more than twice the timeout
 			io.WriteString(w, "data: "+strconv.Itoa(i)+"\n\n")
 			w.(http.Flusher).Flush()
-			time.Sleep(100 * time.Millisecond)
+			time.Sleep(100 * time.Millisecond) // the upstream's own pace, under the timeout
 		}
 	}))
 	t.Cleanup(up.Close)
@@ -1737,7 +1737,7 @@ func TestNoLeaksUnderMixedFaults(t *testing.T) {
 			for i := range 3 {
 				io.WriteString(w, "data: "+strconv.Itoa(i)+"\n\n")
 				w.(http.Flusher).Flush()
-				time.Sleep(time.Millisecond)
+				time.Sleep(time.Millisecond) // the upstream's own pace: a stream, not one write
 			}
 		case "500":
 			w.WriteHeader(http.StatusInternalServerError)
@@ -1852,15 +1852,12 @@ func TestNoLeaksUnderMixedFaults(t *testing.T) {
 	// (bounded) until the counts settle.
 	const slack = 3
 	var g, fd int
-	for range 250 {
+	eventually(20*time.Millisecond, func() bool {
 		tr.CloseIdleConnections()
 		p.srv.transport.CloseIdleConnections()
 		g, fd = runtime.NumGoroutine(), openFDs(t)
-		if g <= baseG+slack && fd <= baseFD+slack {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return g <= baseG+slack && fd <= baseFD+slack
+	})
 	t.Logf("%d requests (%d completed as planned) in %v; goroutines %d before, %d after; open fds %d before, %d after",
 		len(plans), completed, elapsed.Round(time.Millisecond), baseG, g, baseFD, fd)
 	if g > baseG+slack {
