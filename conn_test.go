@@ -242,7 +242,7 @@ func TestQueuedPostFromGoneClientIsNotForwarded(t *testing.T) {
 		t.Fatal(err)
 	}
 	io.WriteString(c, "POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
-	waitQueuedSlot(t, p)
+	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
 	c.Close() // gives up while queued
 	close(release)
 	lines := p.logs.waitRequests(t, 2)
@@ -256,15 +256,6 @@ func TestQueuedPostFromGoneClientIsNotForwarded(t *testing.T) {
 		t.Errorf("%s reached the upstream after its client left", path)
 	default:
 	}
-}
-
-// waitQueuedSlot waits until a request is waiting for p's only slot: the
-// handler has started (the request log is written only at its end), so it
-// polls the server's in-flight count through the slot channel's fullness
-// and a short settle.
-func waitQueuedSlot(t testing.TB, p *testProxy) {
-	t.Helper()
-	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
 }
 
 func TestSlowlorisHeadersClosedAtHeaderTimeout(t *testing.T) {
