@@ -61,9 +61,13 @@ func TestBodyBudget(t *testing.T) {
 	}
 	b.endRead(65, true)
 	b.release(65, true)
-	if inUse.Load() != 0 || waiting.Load() != 0 || len(b.waiters) != 0 || b.readers != 0 || b.done != 0 {
-		t.Errorf("in use %d, waiting %d, %d queued, %d readers, %d done after everything was released; want all 0",
-			inUse.Load(), waiting.Load(), len(b.waiters), b.readers, b.done)
+	if inUse.Load() != 0 || waiting.Load() != 0 || b.readers != 0 || b.done != 0 {
+		t.Errorf("in use %d, waiting %d, %d readers, %d done after everything was released; want all 0",
+			inUse.Load(), waiting.Load(), b.readers, b.done)
+	}
+	// Nothing is left queued: the whole budget is taken at once.
+	if waited, err := b.acquire(ctx, nil, 100, true, 50*time.Millisecond); err != nil || waited != 0 {
+		t.Errorf("acquire of the whole budget once all was released: waited %v, %v; want it taken at once", waited, err)
 	}
 }
 
@@ -89,29 +93,92 @@ func TestChunkReader(t *testing.T) {
 	}
 }
 
-// holdingUpstream reads each request's body, reports its path, and holds
-// the request until release is closed, without sending headers: the
-// proxy keeps the body's budget meanwhile.
-func holdingUpstream(t testing.TB) (up *httptest.Server, entered chan string, release chan struct{}) {
-	entered = make(chan string, 64)
-	release = make(chan struct{})
-	up = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		entered <- r.URL.Path
-		select {
-		case <-release:
-		case <-r.Context().Done():
+func TestBodyLimit(t *testing.T) {
+	const limit = 10 << 20
+	u := newEchoUpstream(t)
+	p := startProxy(t, testConfig(t, u.URL), testTuning)
+	c := testClient(t)
+	exact := bytes.Repeat([]byte("a"), limit)
+
+	for _, chunked := range []bool{false, true} {
+		name := "content-length"
+		if chunked {
+			name = "chunked"
 		}
-	}))
-	t.Cleanup(up.Close)
-	t.Cleanup(func() {
-		select {
-		case <-release:
-		default:
-			close(release)
-		}
-	})
-	return up, entered, release
+		t.Run(name+"/exact limit passes", func(t *testing.T) {
+			res, err := c.Do(bodyRequest(t, p.url, exact, chunked))
+			if err != nil {
+				t.Fatal(err)
+			}
+			res.Body.Close()
+			_, got := u.request()
+			if res.StatusCode != 200 || !bytes.Equal(got, exact) {
+				t.Fatalf("status %d, upstream got %d bytes; want 200 and all %d\n%s", res.StatusCode, len(got), limit, p.logs.String())
+			}
+		})
+		t.Run(name+"/one byte more is refused", func(t *testing.T) {
+			before := u.hits.Load()
+			res, err := c.Do(bodyRequest(t, p.url, append(exact, 'b'), chunked))
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := readError(t, res, http.StatusRequestEntityTooLarge)
+			if e.Error.Message != "request body exceeds 10485760 bytes" {
+				t.Errorf("message = %q", e.Error.Message)
+			}
+			if u.hits.Load() != before {
+				t.Error("the upstream was contacted")
+			}
+		})
+	}
+	p.logs.waitRequests(t, 4)
+	m := metricsText(t, p)
+	if got := metricValue(m, `proxy_upstream_errors_total{error_type="invalid_request"}`); got != "2" {
+		t.Errorf("invalid_request errors = %q; want 2", got)
+	}
+	if got := metricValue(m, `proxy_requests_total{status="413",method="POST"}`); got != "2" {
+		t.Errorf("413s counted %q; want 2", got)
+	}
+}
+
+func bodyRequest(t testing.TB, base string, body []byte, chunked bool) *http.Request {
+	var r io.Reader = bytes.NewReader(body)
+	if chunked {
+		r = io.MultiReader(r) // hides the length: sent chunked
+	}
+	req, err := http.NewRequest("POST", base+"/v1/messages", r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if chunked && req.ContentLength != 0 {
+		t.Fatal("request is not chunked")
+	}
+	return req
+}
+
+func TestExpectContinueBodyTooLarge(t *testing.T) {
+	// A declared body over max_body_bytes is refused before net/http sends
+	// 100 Continue, so the client never sends it; the connection is closed
+	// after the 413, since the unsent body cannot be skipped.
+	u := newEchoUpstream(t)
+	p := startProxy(t, testConfig(t, u.URL), testTuning)
+	raw := rawExchange(t, p.addr, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+		"Content-Length: 10485761\r\nExpect: 100-continue\r\n\r\n", 5*time.Second)
+	if !strings.HasPrefix(raw, "HTTP/1.1 413 Request Entity Too Large\r\n") || strings.Contains(raw, "100 Continue") {
+		t.Fatalf("client got %q; want a 413 and no 100 Continue", raw)
+	}
+	res, err := http.ReadResponse(bufio.NewReader(strings.NewReader(raw)), nil)
+	if err != nil {
+		t.Fatalf("response %q does not parse: %v", raw, err)
+	}
+	if e := readError(t, res, http.StatusRequestEntityTooLarge); e.Error.Message != "request body exceeds 10485760 bytes" {
+		t.Errorf("message = %q", e.Error.Message)
+	}
+	if n := u.hits.Load(); n != 0 {
+		t.Errorf("upstream saw %d requests; want none", n)
+	}
+	p.logs.waitRequests(t, 1)
+	checkMetrics(t, p, map[string]string{`proxy_upstream_errors_total{error_type="invalid_request"}`: "1"})
 }
 
 func TestBodyHoldsItsSizeWhateverItsFraming(t *testing.T) {
@@ -252,6 +319,106 @@ func TestSteadyUploadOutlastsTimeout(t *testing.T) {
 	res.Body.Close()
 	if _, got := u.request(); res.StatusCode != 200 || len(got) != pieces*piece {
 		t.Fatalf("status %d, upstream got %d bytes; want 200 and %d", res.StatusCode, len(got), pieces*piece)
+	}
+}
+
+func TestBodyBudgetWaitsForRoom(t *testing.T) {
+	entered := make(chan string, 4)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		entered <- r.URL.Path
+		<-release
+	}))
+	t.Cleanup(up.Close)
+	cfg := testConfig(t, up.URL)
+	cfg.MaxBodyBytes = 1 << 20
+	tun := testTuning
+	tun.bodyBudget = 1 << 20 // room for one body at a time, with the reserve for first chunks
+	p := startProxy(t, cfg, tun)
+	c := testClient(t)
+	body := bytes.Repeat([]byte("x"), 600<<10)
+	done := make(chan int, 2)
+	post := func(path string) {
+		res, err := c.Post(p.url+path, "application/octet-stream", bytes.NewReader(body))
+		if err != nil {
+			done <- 0
+			return
+		}
+		res.Body.Close()
+		done <- res.StatusCode
+	}
+	next := func() string {
+		select {
+		case got := <-entered:
+			return got
+		case <-time.After(10 * time.Second):
+			t.Fatal("no request reached the upstream: is the budget leaking?")
+			return ""
+		}
+	}
+	go post("/first")
+	if got := next(); got != "/first" {
+		t.Fatalf("upstream got %s first", got)
+	}
+	go post("/second")
+	waitGauge(t, &p.srv.metrics.waiting[waitBodyBudget], 1)
+	select {
+	case got := <-entered:
+		t.Fatalf("%s reached the upstream while the budget was full", got)
+	default:
+	}
+	close(release)
+	if got := next(); got != "/second" {
+		t.Fatalf("upstream got %s; want /second once room was freed", got)
+	}
+	for range 2 {
+		if code := <-done; code != 200 {
+			t.Errorf("status %d; want 200", code)
+		}
+	}
+}
+
+// A request's body is needed only until its response headers arrive (no
+// attempt follows), so a long stream does not hold its share of the budget.
+func TestBodyBudgetReleasedOnceHeadersArrive(t *testing.T) {
+	entered := make(chan string, 2)
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: started\n\n")
+		w.(http.Flusher).Flush()
+		entered <- r.URL.Path
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(up.Close)
+	t.Cleanup(func() { close(release) })
+	cfg := testConfig(t, up.URL)
+	cfg.MaxBodyBytes = 1 << 20
+	cfg.Timeout = time.Minute // the first stream stays open, silent, throughout
+	tun := testTuning
+	tun.bodyBudget = 1 << 20 // room for one body at a time, with the reserve for first chunks
+	p := startProxy(t, cfg, tun)
+	c := testClient(t)
+	body := bytes.Repeat([]byte("x"), 600<<10)
+	for _, path := range []string{"/first", "/second"} {
+		res, err := c.Post(p.url+path, "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		select {
+		case got := <-entered:
+			if got != path {
+				t.Fatalf("upstream got %s; want %s", got, path)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s never reached the upstream: the first stream still holds the body budget", path)
+		}
 	}
 }
 

@@ -125,7 +125,7 @@ func TestHealthBody(t *testing.T) {
 		m.observe("POST", 504, time.Minute)
 		m.upstreamError(errTypeTimeout)
 		h := healthHandler(m, time.Now())
-		time.Sleep(90*time.Second + 999*time.Millisecond)
+		time.Sleep(90*time.Second + 999*time.Millisecond) // the bubble's fake clock: 90.999 s of uptime, at once
 
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequestWithContext(t.Context(), http.MethodGet, "/health", nil))

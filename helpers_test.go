@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -247,6 +249,27 @@ func rawRequest(t testing.TB, addr, req string) *http.Response {
 	return res
 }
 
+// rawExchange sends req verbatim on a new connection and returns every byte
+// the proxy sends until it closes the connection. It fails if the
+// connection is still open after limit.
+func rawExchange(t testing.TB, addr, req string, limit time.Duration) string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(limit))
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("connection not closed by the proxy within %v (%v); read %q", limit, err, got)
+	}
+	return string(got)
+}
+
 // metricsText scrapes /metrics.
 func metricsText(t testing.TB, p *testProxy) string {
 	t.Helper()
@@ -273,6 +296,17 @@ func metricValue(text, series string) string {
 	return ""
 }
 
+// checkMetrics compares series of the proxy's /metrics with want.
+func checkMetrics(t testing.TB, p *testProxy, want map[string]string) {
+	t.Helper()
+	m := metricsText(t, p)
+	for series, v := range want {
+		if got := metricValue(m, series); got != v {
+			t.Errorf("%s = %q; want %s", series, got, v)
+		}
+	}
+}
+
 // waitGauge waits until the gauge g reads want: how a test knows that
 // requests have reached a queue.
 func waitGauge(t testing.TB, g *atomic.Int64, want int64) {
@@ -284,10 +318,157 @@ func waitGauge(t testing.TB, g *atomic.Int64, want int64) {
 
 // pollGauge reports whether the gauge g satisfies ok within 5 s.
 func pollGauge(g *atomic.Int64, ok func(int64) bool) bool {
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		if ok(g.Load()) {
-			return true
+	return eventually(time.Millisecond, func() bool { return ok(g.Load()) })
+}
+
+// eventually reports whether cond holds within 5 s, checking it every
+// interval: how a test waits for a state it can observe but is not told
+// of, such as a gauge or the process's goroutine count.
+func eventually(every time.Duration, cond func() bool) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return false
 		}
+		time.Sleep(every) // the polling interval
 	}
-	return false
+	return true
+}
+
+// echoUpstream records the last request it received and answers 200.
+type echoUpstream struct {
+	*httptest.Server
+	mu       sync.Mutex
+	last     *http.Request
+	lastBody []byte
+	hits     atomic.Int64
+}
+
+func newEchoUpstream(t testing.TB) *echoUpstream {
+	u := &echoUpstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		u.mu.Lock()
+		u.last, u.lastBody = r, body
+		u.mu.Unlock()
+		u.hits.Add(1)
+		w.Header().Set("Request-Id", "req_upstream_1")
+		w.Write([]byte("ok"))
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+func (u *echoUpstream) request() (*http.Request, []byte) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.last, u.lastBody
+}
+
+// send makes one request through the proxy and returns what the upstream
+// received.
+func send(t *testing.T, p *testProxy, u *echoUpstream, method, path string, header http.Header) *http.Request {
+	t.Helper()
+	req, err := http.NewRequest(method, p.url+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, vs := range header {
+		req.Header[k] = vs
+	}
+	res, err := testClient(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 {
+		t.Fatalf("status = %d; want 200", res.StatusCode)
+	}
+	got, _ := u.request()
+	if got == nil {
+		t.Fatal("upstream received nothing")
+	}
+	return got
+}
+
+// countingUpstream counts requests and answers each after delay with a
+// Messages response; a negative delay never answers.
+func countingUpstream(t testing.TB, delay time.Duration) (*httptest.Server, *atomic.Int64) {
+	var hits atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hits.Add(1)
+		io.Copy(io.Discard, r.Body)
+		wait := time.NewTimer(delay) // the time the upstream takes to generate
+		defer wait.Stop()
+		if delay < 0 {
+			wait.Stop()
+		}
+		select {
+		case <-wait.C:
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"type":"message","content":[{"type":"text","text":"done"}]}`)
+	}))
+	t.Cleanup(up.Close)
+	return up, &hits
+}
+
+// holdingUpstream reads each request's body, reports its path, and holds
+// the request until release is closed, without sending headers: the
+// proxy keeps the body's budget meanwhile.
+func holdingUpstream(t testing.TB) (up *httptest.Server, entered chan string, release chan struct{}) {
+	entered = make(chan string, 64)
+	release = make(chan struct{})
+	up = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		entered <- r.URL.Path
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	t.Cleanup(up.Close)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	return up, entered, release
+}
+
+// bigUpstream answers every request with size bytes, as fast as it can,
+// and reports when its handler has returned.
+func bigUpstream(t testing.TB, size int) (*httptest.Server, chan struct{}) {
+	done := make(chan struct{}, 1)
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() { done <- struct{}{} }()
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		chunk := bytes.Repeat([]byte("z"), 64<<10)
+		for n := 0; n < size; n += len(chunk) {
+			if _, err := w.Write(chunk[:min(len(chunk), size-n)]); err != nil {
+				return
+			}
+		}
+	}))
+	t.Cleanup(up.Close)
+	return up, done
+}
+
+// stopReading asks for url and reads 1 KiB of the response, then nothing
+// more until the test ends.
+func stopReading(t testing.TB, url string) {
+	t.Helper()
+	res, err := testClient(t).Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { res.Body.Close() })
+	if _, err := io.ReadFull(res.Body, make([]byte, 1024)); err != nil {
+		t.Fatal(err)
+	}
 }

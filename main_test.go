@@ -12,7 +12,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -353,16 +356,13 @@ func TestRunWalksTheStateMachine(t *testing.T) {
 // (ECONNREFUSED) within a few seconds. A connection still in the accept
 // queue when the listener closes is reset, so it polls.
 func eventuallyRefused(addr string) bool {
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+	return eventually(10*time.Millisecond, func() bool {
 		c, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			c.Close()
 		}
-		if errors.Is(err, syscall.ECONNREFUSED) {
-			return true
-		}
-	}
-	return false
+		return errors.Is(err, syscall.ECONNREFUSED)
+	})
 }
 
 // waitLog waits until a log line with msg appears.
@@ -477,6 +477,83 @@ func TestSIGTERMLetsInFlightRequestsFinish(t *testing.T) {
 		t.Errorf("exit %d after SIGTERM; want 0\n%s", code, p.stderr.String())
 	}
 	p.stderr.checkJSON(t)
+}
+
+func TestSIGTERMWithFiftyInFlightDrainsAll(t *testing.T) {
+	// 50 requests are held by the upstream when SIGTERM arrives; they are
+	// released once the proxy refuses new connections, and all finish
+	// inside the 5 s drain.
+	const n = 50
+	var entered atomic.Int64
+	all := make(chan struct{})
+	release := make(chan struct{})
+	releaseOnce := sync.OnceFunc(func() { close(release) })
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if entered.Add(1) == n {
+			close(all)
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+			return
+		}
+		io.WriteString(w, "finished "+r.URL.Path)
+	}))
+	t.Cleanup(up.Close)
+	t.Cleanup(releaseOnce) // before up.Close, which waits for its handlers
+	p := startProcess(t, validConfig(up.URL), 5*time.Second)
+	c := testClient(t)
+	results := make(chan string, n) // "" for a request that finished as it should
+	for i := range n {
+		go func() {
+			path := "/v1/messages/" + strconv.Itoa(i)
+			res, err := c.Post("http://"+p.addr+path, "application/json", strings.NewReader("{}"))
+			if err != nil {
+				results <- err.Error()
+				return
+			}
+			b, err := io.ReadAll(res.Body)
+			res.Body.Close()
+			if err != nil || res.StatusCode != 200 || string(b) != "finished "+path {
+				results <- path + ": " + strconv.Itoa(res.StatusCode) + " " + string(b)
+				return
+			}
+			results <- ""
+		}()
+	}
+	select {
+	case <-all:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("only %d of %d requests reached the upstream", entered.Load(), n)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	waitLog(t, p.stderr, "draining")
+	if !eventuallyRefused(p.addr) {
+		t.Error("new connections were still accepted while draining; want connection refused")
+	}
+	releaseOnce()
+	finished := 0
+	deadline := time.After(10 * time.Second)
+	for range n {
+		select {
+		case r := <-results:
+			if r != "" {
+				t.Errorf("in-flight request: %s", r)
+			} else {
+				finished++
+			}
+		case <-deadline:
+			t.Fatalf("%d of %d in-flight requests answered within 10 s", finished, n)
+		}
+	}
+	code := p.wait(t, 5*time.Second)
+	if code != 0 || finished != n {
+		t.Errorf("%d of %d in-flight requests finished, exit %d; want all and exit 0", finished, n, code)
+	}
+	if !strings.Contains(p.stderr.String(), `"event":"Drained"`) {
+		t.Errorf("log does not say Drained:\n%s", p.stderr.String())
+	}
+	t.Logf("SIGTERM with %d requests in flight: %d finished, exit %d", n, finished, code)
 }
 
 // neverEndingStream is an upstream whose responses never finish.

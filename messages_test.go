@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -151,30 +149,6 @@ func TestClientWait(t *testing.T) {
 			}
 		})
 	}
-}
-
-// countingUpstream counts requests and answers each after delay with a
-// Messages response; a negative delay never answers.
-func countingUpstream(t testing.TB, delay time.Duration) (*httptest.Server, *atomic.Int64) {
-	var hits atomic.Int64
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hits.Add(1)
-		io.Copy(io.Discard, r.Body)
-		wait := time.NewTimer(delay) // the time the upstream takes to generate
-		defer wait.Stop()
-		if delay < 0 {
-			wait.Stop()
-		}
-		select {
-		case <-wait.C:
-		case <-r.Context().Done():
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"type":"message","content":[{"type":"text","text":"done"}]}`)
-	}))
-	t.Cleanup(up.Close)
-	return up, &hits
 }
 
 func TestNonStreamingMessageOutlivesTimeout(t *testing.T) {

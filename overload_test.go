@@ -88,13 +88,25 @@ func TestOverloadCutsResponsesNotReadAndRefusesWaiters(t *testing.T) {
 		}
 	}()
 	waitGauge(t, &p.srv.metrics.waiting[waitSlot], 1)
-	time.Sleep(shedAfter + 100*time.Millisecond) // the response's write has been blocked that long
 
 	p.srv.guard.limit.Store(1) // memory is now "near its limit"
 	if !p.srv.guard.sample() {
 		t.Fatal("the guard did not start acting")
 	}
-	p.ln.shed()
+	// A response is cut once its write has been blocked for shedAfter:
+	// shed, as the guard's loop does, until the proxy logs a response cut.
+	cut := func() bool {
+		p.ln.shed()
+		for _, l := range p.logs.lines(t) {
+			if n, _ := l["responses_cut"].(float64); n > 0 {
+				return true
+			}
+		}
+		return false
+	}
+	if !eventually(shedAfter/5, cut) {
+		t.Fatal("no response was cut: the one nobody reads was not found blocked")
+	}
 	select {
 	case res := <-waiter:
 		readError(t, res, http.StatusServiceUnavailable)
