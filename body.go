@@ -97,45 +97,12 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 	up := &x.upload
 	*up = uploadBody{r: r.Body, timeout: s.cfg.Timeout, start: time.Now()}
 	up.conn, _ = w.(readDeadliner)
-	defer func() {
-		if err == nil {
-			up.setDeadline(time.Time{}) // the connection lives on
-		} else if err == errBodyTooLarge {
-			// After the 413, net/http reads and discards up to 256 KiB of
-			// what is left of the body, then closes the connection: a
-			// client still sending the end of a chunked body gets to read
-			// the answer instead of a reset. lingerTime bounds that.
-			up.setDeadline(time.Now().Add(lingerTime))
-		} else {
-			// Any other failed body is not drained: the connection closes
-			// after the answer (under a flood of bodies, draining them
-			// would only feed the flood).
-			up.setDeadline(time.Unix(1, 0))
-		}
-	}()
+	defer func() { up.end(err) }()
 	b := &x.body
-	defer func() {
-		if b.reading {
-			b.reading, b.done = false, err == nil
-			s.budget.endRead(b.held, b.done)
-			if !b.done {
-				*b = requestBody{} // its room is back in the budget
-			}
-		}
-	}()
+	defer func() { s.endRead(b, err) }()
 	for {
-		// The next chunk: exactly what is declared, or one byte past the
-		// limit for a body of unknown length, so that an overrun shows.
 		first := len(b.chunks) == 0
-		n := int64(chunkSize)
-		if first {
-			n = firstChunkSize
-		}
-		if r.ContentLength >= 0 {
-			n = min(n, r.ContentLength-b.size)
-		} else {
-			n = min(n, limit+1-b.size)
-		}
+		n := b.nextChunk(r.ContentLength, limit)
 		if n == 0 {
 			return nil
 		}
@@ -173,6 +140,33 @@ func (s *server) readBody(x *exchange, w http.ResponseWriter, r *http.Request, s
 	}
 }
 
+// nextChunk returns the size of the body's next chunk: exactly what is
+// declared, or up to one byte past the limit for a body of unknown length,
+// so that an overrun shows.
+func (b *requestBody) nextChunk(declared, limit int64) int64 {
+	n := int64(chunkSize)
+	if len(b.chunks) == 0 {
+		n = firstChunkSize
+	}
+	if declared >= 0 {
+		return min(n, declared-b.size)
+	}
+	return min(n, limit+1-b.size)
+}
+
+// endRead ends the read of a body: its room is settled with the budget,
+// and a body that failed is dropped.
+func (s *server) endRead(b *requestBody, err error) {
+	if !b.reading {
+		return
+	}
+	b.reading, b.done = false, err == nil
+	s.budget.endRead(b.held, b.done)
+	if !b.done {
+		*b = requestBody{} // its room is back in the budget
+	}
+}
+
 // dropBody drops a request body and returns its budget.
 func (s *server) dropBody(b *requestBody) {
 	s.budget.release(b.held, b.done)
@@ -197,6 +191,26 @@ type uploadBody struct {
 // readDeadliner is net/http's HTTP/1 ResponseWriter, which sets the client
 // connection's read deadline.
 type readDeadliner interface{ SetReadDeadline(time.Time) error }
+
+// end sets the connection's read deadline once the body has been read, or
+// has failed.
+func (u *uploadBody) end(err error) {
+	switch err {
+	case nil:
+		u.setDeadline(time.Time{}) // the connection lives on
+	case errBodyTooLarge:
+		// After the 413, net/http reads and discards up to 256 KiB of what
+		// is left of the body, then closes the connection: a client still
+		// sending the end of a chunked body gets to read the answer
+		// instead of a reset. lingerTime bounds that.
+		u.setDeadline(time.Now().Add(lingerTime))
+	default:
+		// Any other failed body is not drained: the connection closes
+		// after the answer (under a flood of bodies, draining them would
+		// only feed the flood).
+		u.setDeadline(time.Unix(1, 0))
+	}
+}
 
 func (u *uploadBody) setDeadline(t time.Time) {
 	if u.conn != nil {

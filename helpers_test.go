@@ -19,15 +19,11 @@ import (
 )
 
 // testTuning keeps SPEC.md's numbers except those a test would wait for.
-var testTuning = tuning{
-	connectTimeout: 2 * time.Second,
-	tlsTimeout:     2 * time.Second,
-	attempts:       3,
-	retryPause:     100 * time.Millisecond,
-	drainTimeout:   2 * time.Second,
-	headerTimeout:  10 * time.Second,
-	bodyBudget:     64 << 20,
-}
+var testTuning = func() tuning {
+	t := defaultTuning
+	t.connectTimeout, t.tlsTimeout, t.drainTimeout = 2*time.Second, 2*time.Second, 2*time.Second
+	return t
+}()
 
 // testConfig is a valid config in front of upstream with the default
 // anthropic-beta append rule and a short timeout.
