@@ -104,3 +104,18 @@ func (r *report) check(what string, fn func() (detail string, err error)) {
 		fmt.Fprintf(r.w, "  ok   %s\n", what)
 	}
 }
+
+// check is one invariant of a T: what it says, and the function that returns
+// a detail to print when it holds or the reason it does not.
+type check[T any] struct {
+	what string
+	fn   func(T) (detail string, err error)
+}
+
+// runChecks prints heading, then checks each invariant of v in order.
+func runChecks[T any](r *report, heading string, checks []check[T], v T) {
+	fmt.Fprintln(r.w, heading)
+	for _, c := range checks {
+		r.check(c.what, func() (string, error) { return c.fn(v) })
+	}
+}
