@@ -25,48 +25,51 @@ const caBundle = "/etc/ssl/certs/ca-certificates.crt"
 // dockerfile is the parsed Dockerfile, its build context and the image it describes.
 type dockerfile struct {
 	repo           string
-	globalArgs     []instructions.ArgCommand // ARGs before the first FROM
-	stages         []instructions.Stage
-	builder, final *instructions.Stage
-	context        []string // the files docker build sends, after .dockerignore
-	build          *goBuild // the builder's go build, variables as written
-	ports          []string // the final stage's EXPOSE
+	all            []instructions.Command // the ARGs before the first FROM, then every stage's
+	builder, final *instructions.Stage    // the stage the final one copies from, and the final one
+	context        []string               // the files docker build sends, after .dockerignore
+	build          *goBuild               // the builder's go build, variables as written
 	entrypoint     *instructions.EntrypointCommand
+	ports          []string // EXPOSE
 	img            image
 }
 
-// image tells .ci/delivery how to rebuild and run the image without Docker;
-// the manifests are held to its user, port and CONFIG_PATH.
+// image is how .ci/delivery rebuilds and runs the image without Docker, and
+// what the manifests are held to.
 type image struct {
-	buildFiles []string // context files the builder copies into its WORKDIR
-	buildEnv   []string // NAME=value for go build, expanded for the target
-	buildArgs  []string // arguments after "go", expanded, with -o at the requested path
-	binary     string   // the ENTRYPOINT binary's path in the image
+	buildFiles []string // the context files the builder copies into its WORKDIR
+	buildEnv   []string // go build's NAME=value words, for the target
+	buildArgs  []string // go build's arguments, for the target, with -o at the requested path
+	binary     string   // the ENTRYPOINT
 	user       string   // USER
-	uid, gid   int64    // USER, when it is numeric uid:gid
+	uid, gid   int64    // USER, when it is uid:gid
 	port       int32    // EXPOSE, when it is one port
 	env        []string // the final stage's ENV, NAME=value
 	configPath string   // ENV CONFIG_PATH
 }
 
-// goBuild is the go build command of a RUN line.
+// goBuild is a go build command: the words before "go" and after it.
 type goBuild struct {
-	line    int      // in the Dockerfile
-	env     []string // NAME=value words before "go"
-	args    []string // the words after "go", without -o
-	output  string   // the -o path
-	ldflags string
+	line      int
+	env, args []string
+}
+
+// flag returns the word after name in the go build arguments.
+func (b *goBuild) flag(name string) string {
+	if i := slices.Index(b.args, name); i >= 0 && i+1 < len(b.args) {
+		return b.args[i+1]
+	}
+	return ""
 }
 
 var (
 	builderImage = regexp.MustCompile(`^golang:(1\.[0-9]+)(\.[0-9]+)?-(bookworm|trixie|forky)$`)
 	goDirective  = regexp.MustCompile(`(?m)^go (1\.[0-9]+)`)
-	uidGID       = regexp.MustCompile(`^([0-9]+):([0-9]+)$`)
 	credential   = regexp.MustCompile(`(?i)secret|token|passw|key|auth|credential`)
 )
 
-// loadDockerfile parses the Dockerfile and .dockerignore in repo, and
-// derives the image for a build of t whose binary goes to binaryOut.
+// loadDockerfile parses the Dockerfile and .dockerignore in repo and derives
+// the image for a build of t whose binary goes to binaryOut.
 func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error) {
 	f, err := os.Open(filepath.Join(repo, "Dockerfile"))
 	if err != nil {
@@ -78,68 +81,65 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
 	stages, globalArgs, err := instructions.Parse(ast.AST, nil)
-	if err != nil || len(stages) == 0 {
-		return nil, fmt.Errorf("parse Dockerfile: %v (%d stages)", err, len(stages))
+	if err != nil {
+		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
-	d := &dockerfile{repo: repo, globalArgs: globalArgs, stages: stages, final: &stages[len(stages)-1]}
-	for _, s := range stages {
-		for _, run := range commands[*instructions.RunCommand](&s) {
-			// Evaluates the --mount flags, with their words as written.
-			if err := run.Expand(func(word string) (string, error) { return word, nil }); err != nil {
-				return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
-			}
-		}
+	d := &dockerfile{repo: repo}
+	for i := range globalArgs {
+		d.all = append(d.all, &globalArgs[i])
 	}
-	for _, c := range commands[*instructions.CopyCommand](d.final) {
-		if i := slices.IndexFunc(stages, func(s instructions.Stage) bool { return c.From != "" && s.Name == c.From }); i >= 0 {
+	for i, s := range stages {
+		d.all = append(d.all, s.Commands...)
+		d.final = &stages[i]
+	}
+	for _, c := range commands[*instructions.CopyCommand](d.final.Commands) {
+		if i := slices.IndexFunc(stages, func(s instructions.Stage) bool { return s.Name != "" && s.Name == c.From }); i >= 0 {
 			d.builder = &stages[i]
 		}
 	}
 	if d.builder == nil || d.builder == d.final {
 		return nil, errors.New("the Dockerfile's final stage copies from no named build stage")
 	}
+	for _, run := range commands[*instructions.RunCommand](d.all) {
+		// Evaluates the --mount flags, with their words as written.
+		if err := run.Expand(func(word string) (string, error) { return word, nil }); err != nil {
+			return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
+		}
+	}
 	if d.context, err = buildContext(repo); err != nil {
 		return nil, err
 	}
 
-	vars := []string{"TARGETOS=" + t.os, "TARGETARCH=" + t.arch, "VERSION=" + t.version}
-	for _, run := range commands[*instructions.RunCommand](d.builder) {
-		text := strings.Join(run.CmdLine, " ")
-		if d.build, err = findGoBuild(text, nil, ast.EscapeToken); err != nil {
-			return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
+	lex := shell.NewLex(ast.EscapeToken)
+	lex.SkipUnsetEnv = true // $NAME stays as written where no value is given
+	vars := shell.EnvsFromSlice([]string{"TARGETOS=" + t.os, "TARGETARCH=" + t.arch, "VERSION=" + t.version})
+	for _, run := range commands[*instructions.RunCommand](d.builder.Commands) {
+		if d.build, err = findGoBuild(lex, run, shell.EnvsFromSlice(nil)); err != nil {
+			return nil, err
 		}
 		if d.build != nil {
-			d.build.line = line(run)
-			x, _ := findGoBuild(text, vars, ast.EscapeToken)
-			d.img.buildEnv = x.env
-			d.img.buildArgs = append([]string{x.args[0], "-o", binaryOut}, x.args[1:]...)
+			x, _ := findGoBuild(lex, run, vars)
+			if i := slices.Index(x.args, "-o"); i >= 0 && i+1 < len(x.args) {
+				x.args[i+1] = binaryOut
+			}
+			d.img.buildEnv, d.img.buildArgs = x.env, x.args
 			break
 		}
 	}
-	for _, c := range commands[*instructions.CopyCommand](d.builder) {
-		for _, src := range c.SourcePaths {
-			for _, f := range d.context {
-				if ok, _ := path.Match(src, f); ok && !slices.Contains(d.img.buildFiles, f) {
-					d.img.buildFiles = append(d.img.buildFiles, f)
-				}
+	for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
+		for _, f := range d.context {
+			if slices.ContainsFunc(c.SourcePaths, matches(f)) && !slices.Contains(d.img.buildFiles, f) {
+				d.img.buildFiles = append(d.img.buildFiles, f)
 			}
 		}
 	}
-
-	lex := shell.NewLex(ast.EscapeToken)
-	lex.SkipUnsetEnv = true // keep $NAME as written, so the check sees it
 	for _, c := range d.final.Commands {
 		switch c := c.(type) {
 		case *instructions.EntrypointCommand:
-			if d.entrypoint = c; len(c.CmdLine) == 1 {
-				d.img.binary = c.CmdLine[0]
-			}
+			d.entrypoint, d.img.binary = c, strings.Join(c.CmdLine, " ")
 		case *instructions.UserCommand:
 			d.img.user = c.User
-			if m := uidGID.FindStringSubmatch(c.User); m != nil {
-				d.img.uid, _ = strconv.ParseInt(m[1], 10, 64)
-				d.img.gid, _ = strconv.ParseInt(m[2], 10, 64)
-			}
+			fmt.Sscanf(c.User, "%d:%d", &d.img.uid, &d.img.gid) // the check prints them back to compare with USER
 		case *instructions.ExposeCommand:
 			d.ports = append(d.ports, c.Ports...)
 		case *instructions.EnvCommand:
@@ -148,90 +148,68 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 				if err != nil {
 					return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(c), err)
 				}
-				d.img.env = append(d.img.env, kv.Key+"="+value)
-				if kv.Key == "CONFIG_PATH" {
+				if d.img.env = append(d.img.env, kv.Key+"="+value); kv.Key == "CONFIG_PATH" {
 					d.img.configPath = value
 				}
 			}
 		}
 	}
 	if len(d.ports) == 1 {
-		p, _ := strconv.ParseInt(strings.TrimSuffix(d.ports[0], "/tcp"), 10, 32)
-		d.img.port = int32(p)
+		port, _ := strconv.ParseInt(strings.TrimSuffix(d.ports[0], "/tcp"), 10, 32)
+		d.img.port = int32(port)
 	}
 	return d, nil
 }
 
 var dockerfileChecks = []check[*dockerfile]{
 	{"builder: official Go image at go.mod's minor version, Debian variant, on $BUILDPLATFORM", func(d *dockerfile) (string, error) {
-		m := builderImage.FindStringSubmatch(d.builder.BaseName)
-		if m == nil {
-			return "", fmt.Errorf("FROM %s, want golang:1.N-<debian release>", d.builder.BaseName)
-		}
 		goMod, err := os.ReadFile(filepath.Join(d.repo, "go.mod"))
-		if err != nil {
-			return "", err
-		}
-		if gm := goDirective.FindSubmatch(goMod); gm == nil || string(gm[1]) != m[1] {
-			return "", fmt.Errorf("image Go %s, go.mod says %q", m[1], gm)
-		}
-		if d.builder.Platform != "$BUILDPLATFORM" {
-			return "", fmt.Errorf("--platform=%q, want $BUILDPLATFORM (cross-compile, no emulation)", d.builder.Platform)
+		image, goLine := builderImage.FindStringSubmatch(d.builder.BaseName), goDirective.FindSubmatch(goMod)
+		if err != nil || image == nil || goLine == nil || image[1] != string(goLine[1]) || d.builder.Platform != "$BUILDPLATFORM" {
+			return "", fmt.Errorf("FROM --platform=%s %s and go.mod's %q (%v), want --platform=$BUILDPLATFORM (cross-compile, no emulation) golang:<go.mod's 1.N>-<Debian release>",
+				d.builder.Platform, d.builder.BaseName, goDirective.Find(goMod), err)
 		}
 		return d.builder.BaseName, nil
 	}},
 	{"builder: go mod download is a layer of its own, before the sources are copied", func(d *dockerfile) (string, error) {
 		copied := false
 		for _, c := range d.builder.Commands {
-			switch c := c.(type) {
-			case *instructions.CopyCommand:
+			if c, ok := c.(*instructions.CopyCommand); ok {
 				if copied || !slices.Equal(c.SourcePaths, []string{"go.mod", "go.sum"}) {
-					return "", fmt.Errorf("line %d: %s before go mod download, want COPY go.mod go.sum first", line(c), c)
+					return "", fmt.Errorf("line %d: %s before go mod download, want COPY go.mod go.sum ./ first", line(c), c)
 				}
 				copied = true
-			case *instructions.RunCommand:
-				if strings.Contains(strings.Join(c.CmdLine, " "), "go mod download") {
-					if !copied {
-						return "", fmt.Errorf("line %d: go mod download before go.mod and go.sum are copied", line(c))
-					}
-					return fmt.Sprintf("line %d", line(c)), nil
-				}
+			}
+			if c, ok := c.(*instructions.RunCommand); ok && copied && strings.Contains(strings.Join(c.CmdLine, " "), "go mod download") {
+				return fmt.Sprintf("line %d", line(c)), nil
 			}
 		}
-		return "", errors.New("no RUN go mod download")
+		return "", errors.New("no RUN go mod download after COPY go.mod go.sum ./")
 	}},
 	{`builder: CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -X main.version=$VERSION"`, func(d *dockerfile) (string, error) {
 		b := d.build
 		if b == nil {
 			return "", errors.New("no RUN with go build in the build stage")
 		}
-		ld := strings.Fields(b.ldflags)
-		for _, w := range []struct {
-			in   []string
-			want string
-		}{
-			{b.env, "CGO_ENABLED=0"}, {b.env, "GOOS=$TARGETOS"}, {b.env, "GOARCH=$TARGETARCH"}, {b.args, "-trimpath"},
-			{ld, "-s"}, {ld, "-w"}, {ld, "-X"}, {ld, "main.version=$VERSION"},
-		} {
-			if !slices.Contains(w.in, w.want) {
-				return "", fmt.Errorf("line %d: no %s in %q %q -ldflags %q", b.line, w.want, b.env, b.args, b.ldflags)
-			}
-		}
 		var declared []string
-		for _, a := range commands[*instructions.ArgCommand](d.builder) {
+		for _, a := range commands[*instructions.ArgCommand](d.builder.Commands) {
 			for _, kv := range a.Args {
 				declared = append(declared, kv.Key)
 			}
 		}
-		for _, arg := range []string{"TARGETOS", "TARGETARCH", "VERSION"} {
-			if !slices.Contains(declared, arg) {
-				return "", fmt.Errorf("line %d: ARG %s is not declared in the build stage, so it would be empty", b.line, arg)
+		ld := strings.Fields(b.flag("-ldflags"))
+		for _, w := range []struct {
+			in   []string
+			want string
+		}{
+			{b.env, "CGO_ENABLED=0"}, {b.env, "GOOS=$TARGETOS"}, {b.env, "GOARCH=$TARGETARCH"}, {b.args, "-trimpath"}, {b.args, "-o"},
+			{ld, "-s"}, {ld, "-w"}, {ld, "-X"}, {ld, "main.version=$VERSION"}, {declared, "TARGETOS"}, {declared, "TARGETARCH"}, {declared, "VERSION"},
+		} {
+			if !slices.Contains(w.in, w.want) {
+				return "", fmt.Errorf("line %d: no %s in %q (ARGs declared in the stage: %q)", b.line, w.want, slices.Concat(b.env, b.args), declared)
 			}
 		}
-		if b.output == "" {
-			return "", fmt.Errorf("line %d: go build has no -o", b.line)
-		}
-		if w := slices.IndexFunc(append(d.img.buildEnv, d.img.buildArgs...), func(w string) bool { return strings.Contains(w, "$") }); w >= 0 {
+		if slices.ContainsFunc(slices.Concat(d.img.buildEnv, d.img.buildArgs), func(w string) bool { return strings.Contains(w, "$") }) {
 			return "", fmt.Errorf("line %d: go build uses a variable the reproduction does not set", b.line)
 		}
 		return fmt.Sprintf("line %d", b.line), nil
@@ -245,13 +223,10 @@ var dockerfileChecks = []check[*dockerfile]{
 		return fmt.Sprintf("%d files", len(d.context)), nil
 	}},
 	{"builder: every COPY source is in the build context", func(d *dockerfile) (string, error) {
-		for _, c := range commands[*instructions.CopyCommand](d.builder) {
-			if c.DestPath != "./" && c.DestPath != "." {
-				return "", fmt.Errorf("line %d: COPY to %q, want the WORKDIR ./", line(c), c.DestPath)
-			}
+		for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
 			for _, src := range c.SourcePaths {
-				if !slices.ContainsFunc(d.context, func(f string) bool { ok, _ := path.Match(src, f); return ok }) {
-					return "", fmt.Errorf("line %d: %s matches nothing in the build context", line(c), src)
+				if !slices.ContainsFunc(d.context, func(f string) bool { return matches(f)(src) }) || c.DestPath != "./" && c.DestPath != "." {
+					return "", fmt.Errorf("line %d: %s, want sources that match files in the build context, copied to the WORKDIR ./", line(c), c)
 				}
 			}
 		}
@@ -276,7 +251,7 @@ var dockerfileChecks = []check[*dockerfile]{
 	}},
 	{"final stage: copies exactly the built binary and the CA bundle from the builder", func(d *dockerfile) (string, error) {
 		var copies []string
-		for _, c := range commands[*instructions.CopyCommand](d.final) {
+		for _, c := range commands[*instructions.CopyCommand](d.final.Commands) {
 			if c.From != d.builder.Name || len(c.SourcePaths) != 1 {
 				return "", fmt.Errorf("line %d: %s, want one file from stage %s", line(c), c, d.builder.Name)
 			}
@@ -284,56 +259,40 @@ var dockerfileChecks = []check[*dockerfile]{
 		}
 		want := []string{caBundle + " " + caBundle}
 		if d.build != nil {
-			want = append(want, d.build.output+" "+d.img.binary)
+			want = append(want, d.build.flag("-o")+" "+d.img.binary)
 		}
-		slices.Sort(copies)
-		if slices.Sort(want); !slices.Equal(copies, want) {
+		if slices.Sort(copies); !slices.Equal(copies, want) {
 			return "", fmt.Errorf("copies %q, want %q", copies, want)
 		}
 		return strings.Join(copies, ", "), nil
 	}},
 	{"final stage: USER is a numeric non-root uid:gid", func(d *dockerfile) (string, error) {
-		if !uidGID.MatchString(d.img.user) {
-			return "", fmt.Errorf("USER %q, want numeric uid:gid", d.img.user)
-		}
-		if d.img.uid == 0 || d.img.gid == 0 {
-			return "", fmt.Errorf("USER %s is root", d.img.user)
+		if fmt.Sprintf("%d:%d", d.img.uid, d.img.gid) != d.img.user || d.img.uid == 0 || d.img.gid == 0 {
+			return "", fmt.Errorf("USER %q, want numeric uid:gid, neither 0", d.img.user)
 		}
 		return d.img.user, nil
 	}},
 	{"final stage: EXPOSE one TCP port", func(d *dockerfile) (string, error) {
-		if len(d.ports) != 1 || d.img.port == 0 {
+		if d.img.port <= 0 {
 			return "", fmt.Errorf("EXPOSE %v", d.ports)
 		}
 		return d.ports[0], nil
 	}},
 	{"final stage: ENV CONFIG_PATH is an absolute path", func(d *dockerfile) (string, error) {
-		if e := slices.IndexFunc(d.img.env, func(e string) bool { return strings.Contains(e, "$") }); e >= 0 {
-			return "", fmt.Errorf("ENV %s, want NAME=value without variables", d.img.env[e])
-		}
-		if !path.IsAbs(d.img.configPath) {
-			return "", fmt.Errorf("CONFIG_PATH %q", d.img.configPath)
+		if !path.IsAbs(d.img.configPath) || strings.Contains(strings.Join(d.img.env, " "), "$") {
+			return "", fmt.Errorf("ENV %q, want CONFIG_PATH=/<path>, and no variables", d.img.env)
 		}
 		return d.img.configPath, nil
 	}},
 	{"no secrets: no ADD, no secret mount, no ARG or ENV named like a credential", func(d *dockerfile) (string, error) {
-		all := []instructions.Command{}
-		for i := range d.globalArgs {
-			all = append(all, &d.globalArgs[i])
-		}
-		for _, s := range d.stages {
-			all = append(all, s.Commands...)
-		}
-		for _, c := range all {
-			var names []string
+		for _, c := range d.all {
+			var names []string // of ARGs, ENVs and RUN --mount types
 			switch c := c.(type) {
 			case *instructions.AddCommand:
 				return "", fmt.Errorf("line %d: %s", line(c), c)
 			case *instructions.RunCommand:
 				for _, m := range instructions.GetMounts(c) {
-					if m.Type == instructions.MountTypeSecret {
-						return "", fmt.Errorf("line %d: %s", line(c), c)
-					}
+					names = append(names, string(m.Type))
 				}
 			case *instructions.ArgCommand:
 				for _, kv := range c.Args {
@@ -344,18 +303,18 @@ var dockerfileChecks = []check[*dockerfile]{
 					names = append(names, kv.Key)
 				}
 			}
-			if i := slices.IndexFunc(names, credential.MatchString); i >= 0 {
-				return "", fmt.Errorf("line %d: %s %s", line(c), c.Name(), names[i])
+			if slices.ContainsFunc(names, credential.MatchString) {
+				return "", fmt.Errorf("line %d: %s", line(c), c)
 			}
 		}
 		return "", nil
 	}},
 }
 
-// commands returns the instructions of type T in stage s.
-func commands[T instructions.Command](s *instructions.Stage) []T {
+// commands returns the instructions of type T among cs.
+func commands[T instructions.Command](cs []instructions.Command) []T {
 	var out []T
-	for _, c := range s.Commands {
+	for _, c := range cs {
 		if c, ok := c.(T); ok {
 			out = append(out, c)
 		}
@@ -371,14 +330,17 @@ func line(c instructions.Command) int {
 	return 0
 }
 
-// findGoBuild returns the go build among the commands of a RUN line (split
-// at && || ;), its variables set from vars and any others left as written.
-func findGoBuild(run string, vars []string, escape rune) (*goBuild, error) {
-	lex := shell.NewLex(escape)
-	lex.SkipUnsetEnv = true
-	words, err := lex.ProcessWords(run, shell.EnvsFromSlice(vars))
+// matches returns whether a COPY source pattern matches the context file f.
+func matches(f string) func(pattern string) bool {
+	return func(pattern string) bool { ok, _ := path.Match(pattern, f); return ok }
+}
+
+// findGoBuild returns the go build among the commands of a RUN line, split
+// at && || and ;, with the variables in env expanded.
+func findGoBuild(lex *shell.Lex, run *instructions.RunCommand, env shell.EnvGetter) (*goBuild, error) {
+	words, err := lex.ProcessWords(strings.Join(run.CmdLine, " "), env)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
 	}
 	for len(words) > 0 {
 		end := slices.IndexFunc(words, func(w string) bool { return w == "&&" || w == "||" || w == ";" })
@@ -387,31 +349,10 @@ func findGoBuild(run string, vars []string, escape rune) (*goBuild, error) {
 		}
 		cmd := words[:end]
 		words = words[min(end+1, len(words)):]
-		j := 0
-		for j < len(cmd) && strings.Contains(cmd[j], "=") && !strings.HasPrefix(cmd[j], "-") {
-			j++
+		i := slices.IndexFunc(cmd, func(w string) bool { return !strings.Contains(w, "=") })
+		if i >= 0 && i+1 < len(cmd) && cmd[i] == "go" && cmd[i+1] == "build" {
+			return &goBuild{line: line(run), env: cmd[:i:i], args: cmd[i+1:]}, nil
 		}
-		if j+1 >= len(cmd) || cmd[j] != "go" || cmd[j+1] != "build" {
-			continue
-		}
-		b := &goBuild{env: cmd[:j]}
-		for k := j + 1; k < len(cmd); k++ {
-			name, value, hasValue := strings.Cut(cmd[k], "=")
-			if (name == "-o" || name == "-ldflags") && !hasValue && k+1 < len(cmd) {
-				k++
-				value = cmd[k]
-			}
-			switch name {
-			case "-o":
-				b.output = value
-			case "-ldflags":
-				b.ldflags = value
-				b.args = append(b.args, name, value)
-			default:
-				b.args = append(b.args, cmd[k])
-			}
-		}
-		return b, nil
 	}
 	return nil, nil
 }
@@ -437,14 +378,11 @@ func buildContext(repo string) ([]string, error) {
 		if err != nil || e.IsDir() {
 			return err
 		}
-		rel, err := filepath.Rel(repo, p)
-		if err != nil {
-			return err
-		}
+		rel, _ := filepath.Rel(repo, p)
 		rel = filepath.ToSlash(rel)
 		ignored, err := ignore.MatchesOrParentMatches(rel)
 		// Docker always reads these two itself; COPY never sees them.
-		if err == nil && !ignored && rel != "Dockerfile" && rel != ".dockerignore" {
+		if !ignored && rel != "Dockerfile" && rel != ".dockerignore" {
 			files = append(files, rel)
 		}
 		return err

@@ -20,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -34,29 +35,32 @@ const (
 	tailnetName   = "anthropic-oauth-proxy" // the MagicDNS name Aperture routes to
 	configKey     = "config.toml"
 	exampleConfig = "anthropic-oauth-proxy.example.toml"
-	// drainSeconds is the program's drain timeout after SIGTERM (SPEC, Lifecycle).
-	drainSeconds = 5
+	drainSeconds  = 5 // the program's drain timeout after SIGTERM (SPEC, Lifecycle)
 )
 
 // k8sFiles are the files SPEC lists under k8s/, in kustomization order.
 var k8sFiles = []string{"namespace.yaml", "serviceaccount.yaml", "configmap.yaml", "deployment.yaml", "service.yaml"}
 
-// manifests are the rendered objects, each kind the checks read decoded into
-// its Kubernetes type.
+var (
+	listenPort = regexp.MustCompile(`(?m)^listen_addr\s*=\s*"[^"]*:(\d+)"`)
+	goMemLimit = regexp.MustCompile(`^([0-9]+)(|B|KiB|MiB|GiB|TiB)$`) // as the Go runtime reads it
+)
+
+// manifests are the rendered objects, those of the kinds the checks read
+// decoded into their Kubernetes types.
 type manifests struct {
-	repo     string
-	img      *image
-	objects  []object
-	unknown  []string // fields the objects' types do not have, and duplicate keys
-	ns       corev1.Namespace
-	sa       corev1.ServiceAccount
-	cm       corev1.ConfigMap
-	deploy   appsv1.Deployment
-	svc      corev1.Service
-	pod      *corev1.PodSpec        // the Deployment's pod template
-	c        *corev1.Container      // its first container, or an empty one
-	security corev1.SecurityContext // the container's, with the pod's values for the fields it leaves unset
-	port     int32                  // the container's only port, or -1
+	repo    string
+	img     *image
+	objects []object
+	strict  []string // fields the objects' types do not have, and duplicate keys
+	ns      corev1.Namespace
+	sa      corev1.ServiceAccount
+	cm      corev1.ConfigMap
+	deploy  appsv1.Deployment
+	svc     corev1.Service
+	pod     *corev1.PodSpec   // the Deployment's pod template
+	c       *corev1.Container // its first container, or an empty one
+	port    int32             // the container's only port, or -1
 }
 
 // object is one rendered document.
@@ -65,10 +69,10 @@ type object struct {
 	doc []byte // YAML
 }
 
-// loadManifests splits kubectl kustomize output into objects and decodes the
-// kinds the checks read; a field unknown to the kind's type is a failed check.
+// loadManifests splits kubectl kustomize output into objects and decodes
+// the kinds the checks read.
 func loadManifests(repo string, rendered []byte, img *image) (*manifests, error) {
-	m := &manifests{repo: repo, img: img, port: -1}
+	m := &manifests{repo: repo, img: img, c: &corev1.Container{}, port: -1}
 	typed := map[string]any{"Namespace": &m.ns, "ServiceAccount": &m.sa, "ConfigMap": &m.cm, "Deployment": &m.deploy, "Service": &m.svc}
 	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(rendered)))
 	for {
@@ -80,73 +84,71 @@ func loadManifests(repo string, rendered []byte, img *image) (*manifests, error)
 		if err == nil {
 			err = yaml.Unmarshal(doc, &o.PartialObjectMetadata)
 		}
-		if err != nil {
-			return nil, fmt.Errorf("rendered manifests: %w", err)
-		}
-		if o.Kind == "" {
-			continue // an empty document
-		}
-		m.objects = append(m.objects, o)
-		if v, ok := typed[o.Kind]; ok {
-			problems, err := decodeStrict(doc, v)
-			if err != nil {
-				return nil, fmt.Errorf("rendered %s %s: %w", o.Kind, o.Name, err)
-			}
+		if v, ok := typed[o.Kind]; ok && err == nil {
+			var problems []error
+			problems, err = decodeStrict(doc, v)
 			for _, p := range problems {
-				m.unknown = append(m.unknown, fmt.Sprintf("%s %s: %v", o.Kind, o.Name, p))
+				m.strict = append(m.strict, fmt.Sprintf("%s %s: %v", o.Kind, o.Name, p))
 			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("rendered manifests: %s %s: %w", o.Kind, o.Name, err)
+		}
+		if o.Kind != "" { // else an empty document
+			m.objects = append(m.objects, o)
 		}
 	}
 	m.pod = &m.deploy.Spec.Template.Spec
-	m.c = &corev1.Container{}
 	if len(m.pod.Containers) > 0 {
 		m.c = &m.pod.Containers[0]
 	}
 	if len(m.c.Ports) == 1 {
 		m.port = m.c.Ports[0].ContainerPort
 	}
-	ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
-	m.security = ptr.Deref(m.c.SecurityContext, corev1.SecurityContext{})
-	m.security.RunAsNonRoot = cmp.Or(m.security.RunAsNonRoot, ps.RunAsNonRoot)
-	m.security.RunAsUser = cmp.Or(m.security.RunAsUser, ps.RunAsUser)
-	m.security.RunAsGroup = cmp.Or(m.security.RunAsGroup, ps.RunAsGroup)
-	m.security.SeccompProfile = cmp.Or(m.security.SeccompProfile, ps.SeccompProfile)
 	return m, nil
+}
+
+// decodeStrict decodes a YAML document into v as the API server does with
+// strict field validation: a duplicate key, or a field that v's type lacks
+// (names are case-sensitive), is one of the problems returned, and the rest
+// of the document is decoded all the same. (yaml.UnmarshalStrict would take
+// a field whose name differs only in case.)
+func decodeStrict(doc []byte, v any) (problems []error, err error) {
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		problems = append(problems, err)
+		if j, err = yaml.YAMLToJSON(doc); err != nil {
+			return nil, err
+		}
+	}
+	unknown, err := kjson.UnmarshalStrict(j, v)
+	return append(problems, unknown...), err
 }
 
 var manifestChecks = []check[*manifests]{
 	{"k8s/ holds exactly the files SPEC lists", func(m *manifests) (string, error) {
 		entries, err := os.ReadDir(filepath.Join(m.repo, "k8s"))
-		if err != nil {
-			return "", err
-		}
 		var got []string
 		for _, e := range entries {
 			got = append(got, e.Name())
 		}
 		want := append(slices.Clone(k8sFiles), "kustomization.yaml")
-		if slices.Sort(want); !slices.Equal(got, want) {
-			return "", fmt.Errorf("got %v, want %v", got, want)
+		if slices.Sort(want); err != nil || !slices.Equal(got, want) {
+			return "", fmt.Errorf("got %v (%v), want %v", got, err, want)
 		}
 		return strings.Join(got, " "), nil
 	}},
 	{"kustomization.yaml lists the five manifests and mentions no secret, even in a comment", func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, "k8s", "kustomization.yaml"))
-		if err != nil {
-			return "", err
-		}
-		if bytes.Contains(bytes.ToLower(data), []byte("secret")) {
-			return "", errors.New(`the file contains the word "secret"`)
-		}
 		var k struct {
 			Namespace string
 			Resources []string
 		}
-		if err := yaml.Unmarshal(data, &k); err != nil {
-			return "", err
+		if err == nil {
+			err = yaml.Unmarshal(data, &k)
 		}
-		if !slices.Equal(k.Resources, k8sFiles) || k.Namespace != namespaceName {
-			return "", fmt.Errorf("namespace %q resources %v, want %q %v", k.Namespace, k.Resources, namespaceName, k8sFiles)
+		if err != nil || bytes.Contains(bytes.ToLower(data), []byte("secret")) || !slices.Equal(k.Resources, k8sFiles) || k.Namespace != namespaceName {
+			return "", fmt.Errorf("namespace %q, resources %v (%v), want %q, %v and no word \"secret\"", k.Namespace, k.Resources, err, namespaceName, k8sFiles)
 		}
 		return "namespace " + k.Namespace, nil
 	}},
@@ -161,20 +163,17 @@ var manifestChecks = []check[*manifests]{
 		return fmt.Sprintf("%d objects", len(m.objects)), nil
 	}},
 	{"every object decodes strictly as its Kubernetes type: no unknown or misspelt field", func(m *manifests) (string, error) {
-		if len(m.unknown) > 0 {
-			return "", errors.New(strings.Join(m.unknown, "; "))
+		if len(m.strict) > 0 {
+			return "", errors.New(strings.Join(m.strict, "; "))
 		}
 		return "", nil
 	}},
 	{"no Secret: no object kind or field anywhere names a secret", func(m *manifests) (string, error) {
-		isSecret := func(s string) bool { return strings.Contains(strings.ToLower(s), "secret") }
 		for _, o := range m.objects {
 			var tree any
-			if err := yaml.Unmarshal(o.doc, &tree); err != nil {
-				return "", err
-			}
-			if p := findKey(tree, "", isSecret); isSecret(o.Kind) || p != "" {
-				return "", fmt.Errorf("%s %s has %s", o.Kind, o.Name, p)
+			err := yaml.Unmarshal(o.doc, &tree)
+			if key := secretKey(tree, ""); err != nil || key != "" || strings.Contains(strings.ToLower(o.Kind), "secret") {
+				return "", fmt.Errorf("%s %s has %s (%v)", o.Kind, o.Name, key, err)
 			}
 		}
 		return "", nil
@@ -199,32 +198,24 @@ var manifestChecks = []check[*manifests]{
 	}},
 	{"Deployment runs one replica, rolling with maxUnavailable 0 and maxSurge 1", func(m *manifests) (string, error) {
 		s := m.deploy.Spec
-		if ptr.Deref(s.Replicas, -1) != 1 {
-			return "", fmt.Errorf("replicas is %s, want 1", show(s.Replicas))
-		}
 		ru := ptr.Deref(s.Strategy.RollingUpdate, appsv1.RollingUpdateDeployment{})
-		if s.Strategy.Type != appsv1.RollingUpdateDeploymentStrategyType || !ptr.Equal(ru.MaxUnavailable, ptr.To(intstr.FromInt32(0))) ||
-			!ptr.Equal(ru.MaxSurge, ptr.To(intstr.FromInt32(1))) {
-			return "", errors.New("strategy must be RollingUpdate with maxUnavailable: 0 and maxSurge: 1, so the single pod is replaced only once its successor is ready")
+		if ptr.Deref(s.Replicas, -1) != 1 || s.Strategy.Type != appsv1.RollingUpdateDeploymentStrategyType ||
+			!ptr.Equal(ru.MaxUnavailable, ptr.To(intstr.FromInt32(0))) || !ptr.Equal(ru.MaxSurge, ptr.To(intstr.FromInt32(1))) {
+			return "", fmt.Errorf("replicas %s, strategy %s with maxUnavailable %s, maxSurge %s: want 1 replica, replaced only once its successor is ready",
+				show(s.Replicas), s.Strategy.Type, show(ru.MaxUnavailable), show(ru.MaxSurge))
 		}
 		return "", nil
 	}},
 	{"exactly one container, no init or ephemeral containers (no sidecar)", func(m *manifests) (string, error) {
-		if n := len(m.pod.Containers); n != 1 {
-			return "", fmt.Errorf("%d containers", n)
-		}
-		if n, e := len(m.pod.InitContainers), len(m.pod.EphemeralContainers); n+e > 0 {
-			return "", fmt.Errorf("%d init and %d ephemeral containers", n, e)
+		if n, i, e := len(m.pod.Containers), len(m.pod.InitContainers), len(m.pod.EphemeralContainers); n != 1 || i+e > 0 {
+			return "", fmt.Errorf("%d containers, %d init and %d ephemeral containers", n, i, e)
 		}
 		return m.c.Name, nil
 	}},
 	{"no imagePullSecrets; public image with an explicit tag", func(m *manifests) (string, error) {
-		if len(m.pod.ImagePullSecrets) > 0 {
-			return "", errors.New("imagePullSecrets is set")
-		}
-		name, tag, ok := strings.Cut(path.Base(m.c.Image), ":")
-		if !strings.HasPrefix(m.c.Image, "ghcr.io/") || !ok || name == "" || tag == "" || tag == "latest" {
-			return "", fmt.Errorf("image %q, want ghcr.io/<owner>/<name>:<release tag>", m.c.Image)
+		name, tag, _ := strings.Cut(path.Base(m.c.Image), ":")
+		if len(m.pod.ImagePullSecrets) > 0 || !strings.HasPrefix(m.c.Image, "ghcr.io/") || name == "" || tag == "" || tag == "latest" {
+			return "", fmt.Errorf("image %q with %d imagePullSecrets, want ghcr.io/<owner>/<name>:<release tag> and none", m.c.Image, len(m.pod.ImagePullSecrets))
 		}
 		return m.c.Image, nil
 	}},
@@ -237,62 +228,49 @@ var manifestChecks = []check[*manifests]{
 		return "", nil
 	}},
 	{"no host namespaces, no command or args override, no env from other objects", func(m *manifests) (string, error) {
-		if m.pod.HostNetwork || m.pod.HostPID || m.pod.HostIPC {
-			return "", errors.New("hostNetwork, hostPID or hostIPC is set")
-		}
-		if len(m.c.Command)+len(m.c.Args) > 0 {
-			return "", fmt.Errorf("command %q args %q: the image's ENTRYPOINT and CONFIG_PATH must be used", m.c.Command, m.c.Args)
-		}
-		if i := slices.IndexFunc(m.c.Env, func(e corev1.EnvVar) bool { return e.ValueFrom != nil }); len(m.c.EnvFrom) > 0 || i >= 0 {
-			return "", errors.New("envFrom or an env valueFrom is set")
+		valueFrom := slices.ContainsFunc(m.c.Env, func(e corev1.EnvVar) bool { return e.ValueFrom != nil })
+		if m.pod.HostNetwork || m.pod.HostPID || m.pod.HostIPC || len(m.c.Command)+len(m.c.Args)+len(m.c.EnvFrom) > 0 || valueFrom {
+			return "", fmt.Errorf("host network, PID, IPC %v %v %v; command %q args %q (the image's ENTRYPOINT and CONFIG_PATH must be used); %d envFrom; env valueFrom %v",
+				m.pod.HostNetwork, m.pod.HostPID, m.pod.HostIPC, m.c.Command, m.c.Args, len(m.c.EnvFrom), valueFrom)
 		}
 		return "", nil
 	}},
 	{"the container port is the config's listen port and the image's EXPOSE", func(m *manifests) (string, error) {
-		listen := regexp.MustCompile(`(?m)^listen_addr\s*=\s*"[^"]*:(\d+)"`).FindStringSubmatch(m.cm.Data[configKey])
-		if listen == nil {
-			return "", errors.New(`the ConfigMap's config.toml has no listen_addr = "host:port" line`)
+		listen := "none"
+		if l := listenPort.FindStringSubmatch(m.cm.Data[configKey]); l != nil {
+			listen = l[1]
 		}
-		if p := strconv.Itoa(int(m.port)); m.port < 0 || p != listen[1] || m.port != m.img.port {
-			return "", fmt.Errorf("%d container ports %v, config listen_addr port %s, Dockerfile EXPOSE %d", len(m.c.Ports), m.port, listen[1], m.img.port)
+		if m.port < 0 || listen != strconv.Itoa(int(m.port)) || m.port != m.img.port {
+			return "", fmt.Errorf("container ports %v, config.toml listen_addr port %s, Dockerfile EXPOSE %d: want one port, the same", m.c.Ports, listen, m.img.port)
 		}
 		return fmt.Sprintf("%s %d", m.c.Ports[0].Name, m.port), nil
 	}},
 	{"startup, readiness and liveness probes GET /health on the container port", func(m *manifests) (string, error) {
 		for i, p := range []*corev1.Probe{m.c.StartupProbe, m.c.ReadinessProbe, m.c.LivenessProbe} {
-			name := []string{"startupProbe", "readinessProbe", "livenessProbe"}[i]
-			g := ptr.Deref(p, corev1.Probe{}).HTTPGet
-			if g == nil {
-				return "", fmt.Errorf("%s has no httpGet", name)
-			}
+			g := ptr.Deref(ptr.Deref(p, corev1.Probe{}).HTTPGet, corev1.HTTPGetAction{})
 			if g.Path != "/health" || g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP || m.resolve(g.Port) != m.port {
-				return "", fmt.Errorf("%s gets %s %s on port %s, want HTTP /health on %d", name, g.Scheme, g.Path, &g.Port, m.port)
+				return "", fmt.Errorf("%s gets %q %q on port %s, want an httpGet of /health on %d", []string{"startup", "readiness", "liveness"}[i], g.Scheme, g.Path, &g.Port, m.port)
 			}
 		}
 		return "", nil
 	}},
 	{"pod security context: runAsNonRoot, the image's user and group, RuntimeDefault seccomp", func(m *manifests) (string, error) {
 		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
-		return "", m.podSecurity(corev1.SecurityContext{RunAsNonRoot: ps.RunAsNonRoot, RunAsUser: ps.RunAsUser, RunAsGroup: ps.RunAsGroup, SeccompProfile: ps.SeccompProfile})
+		return "", m.runsAsImage(corev1.SecurityContext{RunAsNonRoot: ps.RunAsNonRoot, RunAsUser: ps.RunAsUser, RunAsGroup: ps.RunAsGroup, SeccompProfile: ps.SeccompProfile})
 	}},
 	{"container security context: runAsNonRoot, readOnlyRootFilesystem, no privilege escalation, capabilities drop ALL", func(m *manifests) (string, error) {
-		s := m.security
-		caps := ptr.Deref(s.Capabilities, corev1.Capabilities{})
-		problems := []error{m.podSecurity(s)}
-		for _, p := range []struct {
-			ok   bool
-			what string
-		}{
-			{ptr.Deref(s.ReadOnlyRootFilesystem, false), "readOnlyRootFilesystem is not true"},
-			{!ptr.Deref(s.AllowPrivilegeEscalation, true), "allowPrivilegeEscalation is not false"},
-			{!ptr.Deref(s.Privileged, false), "privileged is true"},
-			{slices.Equal(caps.Drop, []corev1.Capability{"ALL"}) && len(caps.Add) == 0, "capabilities must drop [ALL] and add none"},
-		} {
-			if !p.ok {
-				problems = append(problems, errors.New(p.what))
-			}
+		// Fields the container leaves unset are the pod's.
+		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
+		s := ptr.Deref(m.c.SecurityContext, corev1.SecurityContext{})
+		s.RunAsNonRoot, s.RunAsUser = cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot), cmp.Or(s.RunAsUser, ps.RunAsUser)
+		s.RunAsGroup, s.SeccompProfile = cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile)
+		caps, err := ptr.Deref(s.Capabilities, corev1.Capabilities{}), m.runsAsImage(s)
+		if !ptr.Deref(s.ReadOnlyRootFilesystem, false) || ptr.Deref(s.AllowPrivilegeEscalation, true) || ptr.Deref(s.Privileged, false) ||
+			!slices.Equal(caps.Drop, []corev1.Capability{"ALL"}) || len(caps.Add) > 0 {
+			err = errors.Join(err, fmt.Errorf("readOnlyRootFilesystem %s, allowPrivilegeEscalation %s, privileged %s, capabilities %+v: want true, false, false, drop [ALL] add none",
+				show(s.ReadOnlyRootFilesystem), show(s.AllowPrivilegeEscalation), show(s.Privileged), caps))
 		}
-		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), errors.Join(problems...)
+		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), err
 	}},
 	{"CPU and memory requests and limits are set, requests within limits", func(m *manifests) (string, error) {
 		var parts []string
@@ -300,7 +278,7 @@ var manifestChecks = []check[*manifests]{
 			req, hasReq := m.c.Resources.Requests[res]
 			limit, hasLimit := m.c.Resources.Limits[res]
 			if !hasReq || !hasLimit || req.Cmp(limit) > 0 {
-				return "", fmt.Errorf("%s request %s, limit %s: want both set, the request within the limit", res, &req, &limit)
+				return "", fmt.Errorf("%s request %s, limit %s: want both, the request within the limit", res, &req, &limit)
 			}
 			parts = append(parts, fmt.Sprintf("%s %s/%s", res, &req, &limit))
 		}
@@ -308,44 +286,34 @@ var manifestChecks = []check[*manifests]{
 	}},
 	{"GOMEMLIMIT is below the memory limit, and at least 80% of it", func(m *manifests) (string, error) {
 		var val string
+		var soft resource.Quantity
 		for _, e := range m.c.Env {
 			if e.Name == "GOMEMLIMIT" {
 				val = e.Value
 			}
 		}
-		// The Go runtime reads a byte count with an optional B, KiB, MiB, GiB or TiB suffix.
-		g := regexp.MustCompile(`^([0-9]+)(|B|KiB|MiB|GiB|TiB)$`).FindStringSubmatch(val)
-		if g == nil {
-			return "", fmt.Errorf("GOMEMLIMIT %q: want a byte count the Go runtime reads, like 110MiB (Go does not read the container memory limit)", val)
-		}
-		soft, err := resource.ParseQuantity(g[1] + strings.TrimSuffix(g[2], "B"))
-		if err != nil {
-			return "", fmt.Errorf("GOMEMLIMIT %q: %v", val, err)
+		if g := goMemLimit.FindStringSubmatch(val); g != nil {
+			soft, _ = resource.ParseQuantity(g[1] + strings.TrimSuffix(g[2], "B")) // 110MiB is 110Mi
 		}
 		limit := m.c.Resources.Limits[corev1.ResourceMemory]
 		ratio := soft.AsApproximateFloat64() / limit.AsApproximateFloat64()
 		if soft.Cmp(limit) >= 0 || ratio < 0.8 {
-			return "", fmt.Errorf("GOMEMLIMIT %s = %d B, memory limit %s = %d B", val, soft.Value(), &limit, limit.Value())
+			return "", fmt.Errorf("GOMEMLIMIT %q = %d B, memory limit %s = %d B: want a byte count the Go runtime reads, like 110MiB (Go does not read the container's limit)", val, soft.Value(), &limit, limit.Value())
 		}
 		return fmt.Sprintf("%s = %d B is %.0f%% of %s = %d B", val, soft.Value(), 100*ratio, &limit, limit.Value()), nil
 	}},
 	{fmt.Sprintf("preStop sleep + %d s drain < terminationGracePeriodSeconds", drainSeconds), func(m *manifests) (string, error) {
-		lc := ptr.Deref(m.c.Lifecycle, corev1.Lifecycle{})
-		if lc.PreStop == nil || lc.PreStop.Sleep == nil {
-			return "", errors.New("no lifecycle.preStop.sleep: the pod would be stopped while still listed in the Service endpoints")
-		}
-		sleep, grace := lc.PreStop.Sleep.Seconds, ptr.Deref(m.pod.TerminationGracePeriodSeconds, 0)
+		preStop := ptr.Deref(ptr.Deref(m.c.Lifecycle, corev1.Lifecycle{}).PreStop, corev1.LifecycleHandler{})
+		sleep, grace := ptr.Deref(preStop.Sleep, corev1.SleepAction{}).Seconds, ptr.Deref(m.pod.TerminationGracePeriodSeconds, 0)
 		if sleep <= 0 || sleep+drainSeconds >= grace {
-			return "", fmt.Errorf("preStop sleep %d s + drain %d s must be below the grace period %s s", sleep, drainSeconds, show(m.pod.TerminationGracePeriodSeconds))
+			return "", fmt.Errorf("lifecycle.preStop.sleep %d s + drain %d s, grace period %d s: want a sleep, so that the pod leaves the Service endpoints before SIGTERM, and the sum below the grace period", sleep, drainSeconds, grace)
 		}
 		return fmt.Sprintf("%d s + %d s < %d s", sleep, drainSeconds, grace), nil
 	}},
 	{"automountServiceAccountToken is false on the pod and its ServiceAccount", func(m *manifests) (string, error) {
-		if m.pod.ServiceAccountName != m.sa.Name {
-			return "", fmt.Errorf("pod uses service account %q, the rendered one is %q", m.pod.ServiceAccountName, m.sa.Name)
-		}
-		if ptr.Deref(m.pod.AutomountServiceAccountToken, true) || ptr.Deref(m.sa.AutomountServiceAccountToken, true) {
-			return "", fmt.Errorf("pod %s, ServiceAccount %s, want false for both", show(m.pod.AutomountServiceAccountToken), show(m.sa.AutomountServiceAccountToken))
+		if m.pod.ServiceAccountName != m.sa.Name || ptr.Deref(m.pod.AutomountServiceAccountToken, true) || ptr.Deref(m.sa.AutomountServiceAccountToken, true) {
+			return "", fmt.Errorf("pod's service account %q %s, rendered ServiceAccount %q %s: want the same, false for both",
+				m.pod.ServiceAccountName, show(m.pod.AutomountServiceAccountToken), m.sa.Name, show(m.sa.AutomountServiceAccountToken))
 		}
 		return "", nil
 	}},
@@ -369,7 +337,7 @@ var manifestChecks = []check[*manifests]{
 			}
 			i := slices.IndexFunc(m.c.VolumeMounts, func(vm corev1.VolumeMount) bool { return vm.Name == v.Name })
 			if i < 0 {
-				return "", fmt.Errorf("volume %s is not mounted", v.Name)
+				continue
 			}
 			vm := m.c.VolumeMounts[i]
 			if file = path.Join(vm.MountPath, file); !vm.ReadOnly || vm.SubPath != "" || file != m.img.configPath {
@@ -377,36 +345,28 @@ var manifestChecks = []check[*manifests]{
 			}
 			return file, nil
 		}
-		return "", fmt.Errorf("no volume from ConfigMap %s", m.cm.Name)
+		return "", fmt.Errorf("no mounted volume from ConfigMap %s", m.cm.Name)
 	}},
 	{"the ConfigMap's config.toml is byte-identical to " + exampleConfig, func(m *manifests) (string, error) {
-		want, err := os.ReadFile(filepath.Join(m.repo, exampleConfig))
-		if err != nil {
-			return "", err
-		}
-		got, wantLines := strings.SplitAfter(m.cm.Data[configKey], "\n"), strings.SplitAfter(string(want), "\n")
-		for i := range max(len(got), len(wantLines)) {
-			if g, w := at(got, i), at(wantLines, i); g != w {
-				return "", fmt.Errorf("line %d differs: ConfigMap %q, file %q", i+1, g, w)
+		data, err := os.ReadFile(filepath.Join(m.repo, exampleConfig))
+		got, want := m.cm.Data[configKey], string(data)
+		if err != nil || got != want {
+			n := 0
+			for n < min(len(got), len(want)) && got[n] == want[n] {
+				n++
 			}
+			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q (%v)", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], want[n:min(n+40, len(want))], err)
 		}
 		return fmt.Sprintf("%d bytes", len(want)), nil
 	}},
 	{"Service is a ClusterIP with the two Tailscale Operator annotations and nothing more", func(m *manifests) (string, error) {
-		s := m.svc.Spec
-		if s.Type != corev1.ServiceTypeClusterIP || s.LoadBalancerClass != nil {
-			return "", fmt.Errorf("type %q loadBalancerClass %s, want ClusterIP", s.Type, show(s.LoadBalancerClass))
+		tailscale := maps.Clone(m.svc.Annotations)
+		maps.DeleteFunc(tailscale, func(k, _ string) bool { return !strings.Contains(k, "tailscale") })
+		want := map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}
+		if s := m.svc.Spec; s.Type != corev1.ServiceTypeClusterIP || s.LoadBalancerClass != nil || !maps.Equal(tailscale, want) {
+			return "", fmt.Errorf("type %q, loadBalancerClass %s, tailscale annotations %v: want ClusterIP, none, %v", s.Type, show(s.LoadBalancerClass), tailscale, want)
 		}
-		got := map[string]string{}
-		for k, v := range m.svc.Annotations {
-			if strings.Contains(k, "tailscale") {
-				got[k] = v
-			}
-		}
-		if want := map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}; !maps.Equal(got, want) {
-			return "", fmt.Errorf("tailscale annotations %v, want %v", got, want)
-		}
-		return fmt.Sprintf("expose %q, hostname %q", got["tailscale.com/expose"], got["tailscale.com/hostname"]), nil
+		return fmt.Sprintf("expose %q, hostname %q", want["tailscale.com/expose"], want["tailscale.com/hostname"]), nil
 	}},
 	{"the Service hostname is a valid DNS label", func(m *manifests) (string, error) {
 		h := m.svc.Annotations["tailscale.com/hostname"]
@@ -416,9 +376,10 @@ var manifestChecks = []check[*manifests]{
 		return "", nil
 	}},
 	{"the Service selects the pod and serves the container port on the same port", func(m *manifests) (string, error) {
-		s, labels, match := m.svc.Spec, m.deploy.Spec.Template.Labels, ptr.Deref(m.deploy.Spec.Selector, metav1.LabelSelector{}).MatchLabels
-		if len(s.Selector) == 0 || !subset(s.Selector, labels) || !subset(match, labels) {
-			return "", fmt.Errorf("service selector %v, deployment selector %v, pod labels %v", s.Selector, match, labels)
+		s, pod := m.svc.Spec, labels.Set(m.deploy.Spec.Template.Labels)
+		deploy, err := metav1.LabelSelectorAsSelector(m.deploy.Spec.Selector)
+		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || err != nil || !deploy.Matches(pod) {
+			return "", fmt.Errorf("service selector %v, deployment selector %v (%v), pod labels %v", s.Selector, deploy, err, pod)
 		}
 		if len(s.Ports) != 1 || s.Ports[0].Port != m.port || m.resolve(s.Ports[0].TargetPort) != m.port {
 			return "", fmt.Errorf("ports %v, want one port %d targeting the container port", s.Ports, m.port)
@@ -427,36 +388,14 @@ var manifestChecks = []check[*manifests]{
 	}},
 }
 
-// decodeStrict decodes a YAML document into v as the API server does with
-// strict field validation: a duplicate key, or a field v's type lacks (names
-// are case-sensitive), is one of the problems returned, and the rest of the
-// document is decoded all the same. (yaml.UnmarshalStrict would accept a
-// field whose name differs only in case.)
-func decodeStrict(doc []byte, v any) (problems []error, err error) {
-	j, err := yaml.YAMLToJSONStrict(doc)
-	if err != nil {
-		problems = append(problems, err)
-		if j, err = yaml.YAMLToJSON(doc); err != nil {
-			return nil, err
-		}
+// runsAsImage checks the fields a pod's and a container's security context share.
+func (m *manifests) runsAsImage(s corev1.SecurityContext) error {
+	if !ptr.Deref(s.RunAsNonRoot, false) || ptr.Deref(s.RunAsUser, -1) != m.img.uid || ptr.Deref(s.RunAsGroup, -1) != m.img.gid ||
+		ptr.Deref(s.SeccompProfile, corev1.SeccompProfile{}).Type != corev1.SeccompProfileTypeRuntimeDefault {
+		return fmt.Errorf("runAsNonRoot %s, runAsUser:runAsGroup %s:%s, seccompProfile %s: want true, the image's USER %d:%d, RuntimeDefault",
+			show(s.RunAsNonRoot), show(s.RunAsUser), show(s.RunAsGroup), show(s.SeccompProfile), m.img.uid, m.img.gid)
 	}
-	unknown, err := kjson.UnmarshalStrict(j, v)
-	return append(problems, unknown...), err
-}
-
-// podSecurity checks the fields a pod's and a container's security context share.
-func (m *manifests) podSecurity(s corev1.SecurityContext) error {
-	var problems []error
-	if !ptr.Deref(s.RunAsNonRoot, false) {
-		problems = append(problems, errors.New("runAsNonRoot is not true"))
-	}
-	if ptr.Deref(s.RunAsUser, -1) != m.img.uid || ptr.Deref(s.RunAsGroup, -1) != m.img.gid {
-		problems = append(problems, fmt.Errorf("runAsUser/runAsGroup %s/%s, the image's USER is %d:%d", show(s.RunAsUser), show(s.RunAsGroup), m.img.uid, m.img.gid))
-	}
-	if ptr.Deref(s.SeccompProfile, corev1.SeccompProfile{}).Type != corev1.SeccompProfileTypeRuntimeDefault {
-		problems = append(problems, errors.New("seccompProfile is not RuntimeDefault"))
-	}
-	return errors.Join(problems...)
+	return nil
 }
 
 // resolve returns the number of a port given by number or by the container's port name.
@@ -464,47 +403,32 @@ func (m *manifests) resolve(p intstr.IntOrString) int32 {
 	if p.Type == intstr.Int {
 		return p.IntVal
 	}
-	if i := slices.IndexFunc(m.c.Ports, func(c corev1.ContainerPort) bool { return c.Name == p.StrVal }); i >= 0 {
-		return m.c.Ports[i].ContainerPort
+	for _, c := range m.c.Ports {
+		if c.Name == p.StrVal {
+			return c.ContainerPort
+		}
 	}
 	return -1
 }
 
-// findKey returns the path of the first map key in v for which match is true.
-func findKey(v any, at string, match func(string) bool) string {
+// secretKey returns the path of the first map key in v that names a secret.
+func secretKey(v any, at string) string {
 	switch v := v.(type) {
 	case map[string]any:
 		for k, e := range v {
-			if match(k) {
+			if strings.Contains(strings.ToLower(k), "secret") {
 				return at + "." + k
 			}
-			if p := findKey(e, at+"."+k, match); p != "" {
+			if p := secretKey(e, at+"."+k); p != "" {
 				return p
 			}
 		}
 	case []any:
 		for i, e := range v {
-			if p := findKey(e, fmt.Sprintf("%s[%d]", at, i), match); p != "" {
+			if p := secretKey(e, fmt.Sprintf("%s[%d]", at, i)); p != "" {
 				return p
 			}
 		}
-	}
-	return ""
-}
-
-func subset(sel, labels map[string]string) bool {
-	for k, v := range sel {
-		if labels[k] != v {
-			return false
-		}
-	}
-	return true
-}
-
-// at returns s[i], or "" past the end.
-func at(s []string, i int) string {
-	if i < len(s) {
-		return s[i]
 	}
 	return ""
 }
@@ -513,6 +437,9 @@ func at(s []string, i int) string {
 func show[T any](p *T) string {
 	if p == nil {
 		return "unset"
+	}
+	if s, ok := any(p).(fmt.Stringer); ok {
+		return s.String()
 	}
 	return fmt.Sprint(*p)
 }
