@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -71,12 +72,11 @@ var (
 // loadDockerfile parses the Dockerfile and .dockerignore in repo and derives
 // the image for a build of t whose binary goes to binaryOut.
 func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error) {
-	f, err := os.Open(filepath.Join(repo, "Dockerfile"))
+	data, err := os.ReadFile(filepath.Join(repo, "Dockerfile"))
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	ast, err := parser.Parse(f)
+	ast, err := parser.Parse(bytes.NewReader(data))
 	if err != nil {
 		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
@@ -128,7 +128,7 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 	}
 	for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
 		for _, f := range d.context {
-			if slices.ContainsFunc(c.SourcePaths, matches(f)) && !slices.Contains(d.img.buildFiles, f) {
+			if slices.ContainsFunc(c.SourcePaths, func(src string) bool { return match(src, f) }) && !slices.Contains(d.img.buildFiles, f) {
 				d.img.buildFiles = append(d.img.buildFiles, f)
 			}
 		}
@@ -225,7 +225,7 @@ var dockerfileChecks = []check[*dockerfile]{
 	{"builder: every COPY source is in the build context", func(d *dockerfile) (string, error) {
 		for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
 			for _, src := range c.SourcePaths {
-				if !slices.ContainsFunc(d.context, func(f string) bool { return matches(f)(src) }) || c.DestPath != "./" && c.DestPath != "." {
+				if !slices.ContainsFunc(d.context, func(f string) bool { return match(src, f) }) || c.DestPath != "./" && c.DestPath != "." {
 					return "", fmt.Errorf("line %d: %s, want sources that match files in the build context, copied to the WORKDIR ./", line(c), c)
 				}
 			}
@@ -323,16 +323,12 @@ func commands[T instructions.Command](cs []instructions.Command) []T {
 }
 
 // line is where c starts in the Dockerfile.
-func line(c instructions.Command) int {
-	if loc := c.Location(); len(loc) > 0 {
-		return loc[0].Start.Line
-	}
-	return 0
-}
+func line(c instructions.Command) int { return c.Location()[0].Start.Line }
 
-// matches returns whether a COPY source pattern matches the context file f.
-func matches(f string) func(pattern string) bool {
-	return func(pattern string) bool { ok, _ := path.Match(pattern, f); return ok }
+// match reports whether a COPY source pattern matches the context file f.
+func match(pattern, f string) bool {
+	ok, _ := path.Match(pattern, f)
+	return ok
 }
 
 // findGoBuild returns the go build among the commands of a RUN line, split
@@ -360,12 +356,11 @@ func findGoBuild(lex *shell.Lex, run *instructions.RunCommand, env shell.EnvGett
 // buildContext lists the repository files docker build would send, after
 // .dockerignore, as slash-separated paths relative to repo.
 func buildContext(repo string) ([]string, error) {
-	f, err := os.Open(filepath.Join(repo, ".dockerignore"))
+	data, err := os.ReadFile(filepath.Join(repo, ".dockerignore"))
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	patterns, err := ignorefile.ReadAll(f)
+	patterns, err := ignorefile.ReadAll(bytes.NewReader(data))
 	if err != nil {
 		return nil, fmt.Errorf(".dockerignore: %w", err)
 	}

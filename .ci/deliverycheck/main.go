@@ -19,10 +19,15 @@
 package main
 
 import (
+	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/api/equality"
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
@@ -106,4 +111,28 @@ func runChecks[T any](r *report, heading string, checks []check[T], v T) {
 		detail, err := c.fn(v)
 		r.print(c.what, detail, err)
 	}
+}
+
+// want is a value an invariant requires: what it is, what it was found to
+// be, and what it must be.
+type want struct {
+	name      string
+	got, want any
+}
+
+// unequal reports the wants whose got differs from their want, as Kubernetes
+// compares values (nil equals empty, quantities by value), or nil.
+func unequal(wants ...want) error {
+	var problems []string
+	for _, w := range wants {
+		if !equality.Semantic.DeepEqual(w.got, w.want) {
+			got, _ := json.Marshal(w.got)
+			want, _ := json.Marshal(w.want)
+			problems = append(problems, fmt.Sprintf("%s is %s, want %s", w.name, got, want))
+		}
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "; "))
+	}
+	return nil
 }

@@ -132,11 +132,9 @@ var manifestChecks = []check[*manifests]{
 		for _, e := range entries {
 			got = append(got, e.Name())
 		}
-		want := append(slices.Clone(k8sFiles), "kustomization.yaml")
-		if slices.Sort(want); err != nil || !slices.Equal(got, want) {
-			return "", fmt.Errorf("got %v (%v), want %v", got, err, want)
-		}
-		return strings.Join(got, " "), nil
+		files := append(slices.Clone(k8sFiles), "kustomization.yaml")
+		slices.Sort(files)
+		return strings.Join(got, " "), cmp.Or(err, unequal(want{"k8s/", got, files}))
 	}},
 	{"kustomization.yaml lists the five manifests and mentions no secret, even in a comment", func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, "k8s", "kustomization.yaml"))
@@ -147,20 +145,16 @@ var manifestChecks = []check[*manifests]{
 		if err == nil {
 			err = yaml.Unmarshal(data, &k)
 		}
-		if err != nil || bytes.Contains(bytes.ToLower(data), []byte("secret")) || !slices.Equal(k.Resources, k8sFiles) || k.Namespace != namespaceName {
-			return "", fmt.Errorf("namespace %q, resources %v (%v), want %q, %v and no word \"secret\"", k.Namespace, k.Resources, err, namespaceName, k8sFiles)
-		}
-		return "namespace " + k.Namespace, nil
+		return "namespace " + k.Namespace, cmp.Or(err, unequal(want{"namespace", k.Namespace, namespaceName}, want{"resources", k.Resources, k8sFiles},
+			want{`the word "secret"`, bytes.Contains(bytes.ToLower(data), []byte("secret")), false}))
 	}},
 	{"kubectl kustomize renders exactly Namespace, ServiceAccount, ConfigMap, Deployment, Service", func(m *manifests) (string, error) {
 		var kinds []string
 		for _, o := range m.objects {
 			kinds = append(kinds, o.Kind)
 		}
-		if slices.Sort(kinds); !slices.Equal(kinds, []string{"ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"}) {
-			return "", fmt.Errorf("rendered kinds %v (no Ingress, no Secret, nothing else)", kinds)
-		}
-		return fmt.Sprintf("%d objects", len(m.objects)), nil
+		slices.Sort(kinds)
+		return fmt.Sprintf("%d objects", len(m.objects)), unequal(want{"the rendered kinds (no Ingress, no Secret, nothing else)", kinds, []string{"ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"}})
 	}},
 	{"every object decodes strictly as its Kubernetes type: no unknown or misspelt field", func(m *manifests) (string, error) {
 		if len(m.strict) > 0 {
@@ -179,45 +173,33 @@ var manifestChecks = []check[*manifests]{
 		return "", nil
 	}},
 	{"every object is in namespace " + namespaceName, func(m *manifests) (string, error) {
+		var problems []want
 		for _, o := range m.objects {
-			ns := o.Namespace
 			if o.Kind == "Namespace" {
-				ns = o.Name
+				o.Namespace = o.Name
 			}
-			if ns != namespaceName {
-				return "", fmt.Errorf("%s %s is in namespace %q", o.Kind, o.Name, ns)
-			}
+			problems = append(problems, want{o.Kind + " " + o.Name + "'s namespace", o.Namespace, namespaceName})
 		}
-		return "", nil
+		return "", unequal(problems...)
 	}},
 	{"Namespace enforces the restricted Pod Security Standard", func(m *manifests) (string, error) {
-		if got := m.ns.Labels["pod-security.kubernetes.io/enforce"]; got != "restricted" {
-			return "", fmt.Errorf("label pod-security.kubernetes.io/enforce is %q, want \"restricted\"", got)
-		}
-		return "", nil
+		return "", unequal(want{"label pod-security.kubernetes.io/enforce", m.ns.Labels["pod-security.kubernetes.io/enforce"], "restricted"})
 	}},
 	{"Deployment runs one replica, rolling with maxUnavailable 0 and maxSurge 1", func(m *manifests) (string, error) {
-		s := m.deploy.Spec
-		ru := ptr.Deref(s.Strategy.RollingUpdate, appsv1.RollingUpdateDeployment{})
-		if ptr.Deref(s.Replicas, -1) != 1 || s.Strategy.Type != appsv1.RollingUpdateDeploymentStrategyType ||
-			!ptr.Equal(ru.MaxUnavailable, ptr.To(intstr.FromInt32(0))) || !ptr.Equal(ru.MaxSurge, ptr.To(intstr.FromInt32(1))) {
-			return "", fmt.Errorf("replicas %s, strategy %s with maxUnavailable %s, maxSurge %s: want 1 replica, replaced only once its successor is ready",
-				show(s.Replicas), s.Strategy.Type, show(ru.MaxUnavailable), show(ru.MaxSurge))
-		}
-		return "", nil
+		// The single pod is replaced only once its successor is ready.
+		zero, one := intstr.FromInt32(0), intstr.FromInt32(1)
+		return "", unequal(want{"replicas", m.deploy.Spec.Replicas, ptr.To[int32](1)}, want{"strategy", m.deploy.Spec.Strategy,
+			appsv1.DeploymentStrategy{Type: appsv1.RollingUpdateDeploymentStrategyType, RollingUpdate: &appsv1.RollingUpdateDeployment{MaxUnavailable: &zero, MaxSurge: &one}}})
 	}},
 	{"exactly one container, no init or ephemeral containers (no sidecar)", func(m *manifests) (string, error) {
-		if n, i, e := len(m.pod.Containers), len(m.pod.InitContainers), len(m.pod.EphemeralContainers); n != 1 || i+e > 0 {
-			return "", fmt.Errorf("%d containers, %d init and %d ephemeral containers", n, i, e)
-		}
-		return m.c.Name, nil
+		return m.c.Name, unequal(want{"containers", len(m.pod.Containers), 1}, want{"init containers", len(m.pod.InitContainers), 0}, want{"ephemeral containers", len(m.pod.EphemeralContainers), 0})
 	}},
 	{"no imagePullSecrets; public image with an explicit tag", func(m *manifests) (string, error) {
 		name, tag, _ := strings.Cut(path.Base(m.c.Image), ":")
-		if len(m.pod.ImagePullSecrets) > 0 || !strings.HasPrefix(m.c.Image, "ghcr.io/") || name == "" || tag == "" || tag == "latest" {
-			return "", fmt.Errorf("image %q with %d imagePullSecrets, want ghcr.io/<owner>/<name>:<release tag> and none", m.c.Image, len(m.pod.ImagePullSecrets))
+		if !strings.HasPrefix(m.c.Image, "ghcr.io/") || name == "" || tag == "" || tag == "latest" {
+			return "", fmt.Errorf("image %q, want ghcr.io/<owner>/<name>:<release tag>", m.c.Image)
 		}
-		return m.c.Image, nil
+		return m.c.Image, unequal(want{"imagePullSecrets", m.pod.ImagePullSecrets, []corev1.LocalObjectReference(nil)})
 	}},
 	{"no tailscale container, env, volume or mount: the Deployment never names tailscale", func(m *manifests) (string, error) {
 		for _, o := range m.objects {
@@ -228,49 +210,45 @@ var manifestChecks = []check[*manifests]{
 		return "", nil
 	}},
 	{"no host namespaces, no command or args override, no env from other objects", func(m *manifests) (string, error) {
-		valueFrom := slices.ContainsFunc(m.c.Env, func(e corev1.EnvVar) bool { return e.ValueFrom != nil })
-		if m.pod.HostNetwork || m.pod.HostPID || m.pod.HostIPC || len(m.c.Command)+len(m.c.Args)+len(m.c.EnvFrom) > 0 || valueFrom {
-			return "", fmt.Errorf("host network, PID, IPC %v %v %v; command %q args %q (the image's ENTRYPOINT and CONFIG_PATH must be used); %d envFrom; env valueFrom %v",
-				m.pod.HostNetwork, m.pod.HostPID, m.pod.HostIPC, m.c.Command, m.c.Args, len(m.c.EnvFrom), valueFrom)
+		var valueFrom []string
+		for _, e := range m.c.Env {
+			if e.ValueFrom != nil {
+				valueFrom = append(valueFrom, e.Name)
+			}
 		}
-		return "", nil
+		// The image's ENTRYPOINT and CONFIG_PATH are used as they are.
+		return "", unequal(want{"hostNetwork", m.pod.HostNetwork, false}, want{"hostPID", m.pod.HostPID, false}, want{"hostIPC", m.pod.HostIPC, false},
+			want{"command", m.c.Command, []string(nil)}, want{"args", m.c.Args, []string(nil)}, want{"envFrom", m.c.EnvFrom, []corev1.EnvFromSource(nil)},
+			want{"env with valueFrom", valueFrom, []string(nil)})
 	}},
 	{"the container port is the config's listen port and the image's EXPOSE", func(m *manifests) (string, error) {
 		listen := "none"
 		if l := listenPort.FindStringSubmatch(m.cm.Data[configKey]); l != nil {
 			listen = l[1]
 		}
-		if m.port < 0 || listen != strconv.Itoa(int(m.port)) || m.port != m.img.port {
-			return "", fmt.Errorf("container ports %v, config.toml listen_addr port %s, Dockerfile EXPOSE %d: want one port, the same", m.c.Ports, listen, m.img.port)
-		}
-		return fmt.Sprintf("%s %d", m.c.Ports[0].Name, m.port), nil
+		return fmt.Sprint(m.port), unequal(want{"the number of container ports", len(m.c.Ports), 1},
+			want{"config.toml's listen_addr port", listen, strconv.Itoa(int(m.port))}, want{"the Dockerfile's EXPOSE", m.img.port, m.port})
 	}},
 	{"startup, readiness and liveness probes GET /health on the container port", func(m *manifests) (string, error) {
+		var wants []want
 		for i, p := range []*corev1.Probe{m.c.StartupProbe, m.c.ReadinessProbe, m.c.LivenessProbe} {
 			g := ptr.Deref(ptr.Deref(p, corev1.Probe{}).HTTPGet, corev1.HTTPGetAction{})
-			if g.Path != "/health" || g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP || m.resolve(g.Port) != m.port {
-				return "", fmt.Errorf("%s gets %q %q on port %s, want an httpGet of /health on %d", []string{"startup", "readiness", "liveness"}[i], g.Scheme, g.Path, &g.Port, m.port)
-			}
+			wants = append(wants, want{[]string{"startup", "readiness", "liveness"}[i] + " probe's httpGet scheme, path and port", []any{cmp.Or(g.Scheme, corev1.URISchemeHTTP), g.Path, m.resolve(g.Port)}, []any{corev1.URISchemeHTTP, "/health", m.port}})
 		}
-		return "", nil
+		return "", unequal(wants...)
 	}},
 	{"pod security context: runAsNonRoot, the image's user and group, RuntimeDefault seccomp", func(m *manifests) (string, error) {
 		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
-		return "", m.runsAsImage(corev1.SecurityContext{RunAsNonRoot: ps.RunAsNonRoot, RunAsUser: ps.RunAsUser, RunAsGroup: ps.RunAsGroup, SeccompProfile: ps.SeccompProfile})
+		return "", unequal(m.runsAsImage(ps.RunAsNonRoot, ps.RunAsUser, ps.RunAsGroup, ps.SeccompProfile)...)
 	}},
 	{"container security context: runAsNonRoot, readOnlyRootFilesystem, no privilege escalation, capabilities drop ALL", func(m *manifests) (string, error) {
-		// Fields the container leaves unset are the pod's.
+		// The fields the container leaves unset are the pod's.
 		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
 		s := ptr.Deref(m.c.SecurityContext, corev1.SecurityContext{})
-		s.RunAsNonRoot, s.RunAsUser = cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot), cmp.Or(s.RunAsUser, ps.RunAsUser)
-		s.RunAsGroup, s.SeccompProfile = cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile)
-		caps, err := ptr.Deref(s.Capabilities, corev1.Capabilities{}), m.runsAsImage(s)
-		if !ptr.Deref(s.ReadOnlyRootFilesystem, false) || ptr.Deref(s.AllowPrivilegeEscalation, true) || ptr.Deref(s.Privileged, false) ||
-			!slices.Equal(caps.Drop, []corev1.Capability{"ALL"}) || len(caps.Add) > 0 {
-			err = errors.Join(err, fmt.Errorf("readOnlyRootFilesystem %s, allowPrivilegeEscalation %s, privileged %s, capabilities %+v: want true, false, false, drop [ALL] add none",
-				show(s.ReadOnlyRootFilesystem), show(s.AllowPrivilegeEscalation), show(s.Privileged), caps))
-		}
-		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), err
+		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), unequal(append(m.runsAsImage(cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot),
+			cmp.Or(s.RunAsUser, ps.RunAsUser), cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile)),
+			want{"readOnlyRootFilesystem", s.ReadOnlyRootFilesystem, ptr.To(true)}, want{"allowPrivilegeEscalation", s.AllowPrivilegeEscalation, ptr.To(false)},
+			want{"privileged", ptr.Deref(s.Privileged, false), false}, want{"capabilities", s.Capabilities, &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}})...)
 	}},
 	{"CPU and memory requests and limits are set, requests within limits", func(m *manifests) (string, error) {
 		var parts []string
@@ -311,22 +289,18 @@ var manifestChecks = []check[*manifests]{
 		return fmt.Sprintf("%d s + %d s < %d s", sleep, drainSeconds, grace), nil
 	}},
 	{"automountServiceAccountToken is false on the pod and its ServiceAccount", func(m *manifests) (string, error) {
-		if m.pod.ServiceAccountName != m.sa.Name || ptr.Deref(m.pod.AutomountServiceAccountToken, true) || ptr.Deref(m.sa.AutomountServiceAccountToken, true) {
-			return "", fmt.Errorf("pod's service account %q %s, rendered ServiceAccount %q %s: want the same, false for both",
-				m.pod.ServiceAccountName, show(m.pod.AutomountServiceAccountToken), m.sa.Name, show(m.sa.AutomountServiceAccountToken))
-		}
-		return "", nil
+		return "", unequal(want{"the pod's serviceAccountName", m.pod.ServiceAccountName, m.sa.Name},
+			want{"the pod's automountServiceAccountToken", m.pod.AutomountServiceAccountToken, ptr.To(false)},
+			want{"the ServiceAccount's automountServiceAccountToken", m.sa.AutomountServiceAccountToken, ptr.To(false)})
 	}},
 	{"Prometheus annotations scrape /metrics on the container port", func(m *manifests) (string, error) {
 		a := m.deploy.Spec.Template.Annotations
-		if a["prometheus.io/scrape"] != "true" || a["prometheus.io/path"] != "/metrics" || a["prometheus.io/port"] != strconv.Itoa(int(m.port)) {
-			return "", fmt.Errorf("scrape %q path %q port %q", a["prometheus.io/scrape"], a["prometheus.io/path"], a["prometheus.io/port"])
-		}
-		return "", nil
+		return "", unequal(want{"the pod's prometheus.io annotations", []string{a["prometheus.io/scrape"], a["prometheus.io/path"], a["prometheus.io/port"]}, []string{"true", "/metrics", strconv.Itoa(int(m.port))}})
 	}},
 	{"the ConfigMap is mounted read-only where the image's CONFIG_PATH points", func(m *manifests) (string, error) {
 		for _, v := range m.pod.Volumes {
-			if v.ConfigMap == nil || v.ConfigMap.Name != m.cm.Name {
+			i := slices.IndexFunc(m.c.VolumeMounts, func(vm corev1.VolumeMount) bool { return vm.Name == v.Name })
+			if v.ConfigMap == nil || v.ConfigMap.Name != m.cm.Name || i < 0 {
 				continue
 			}
 			file := configKey
@@ -335,38 +309,29 @@ var manifestChecks = []check[*manifests]{
 					file = it.Path
 				}
 			}
-			i := slices.IndexFunc(m.c.VolumeMounts, func(vm corev1.VolumeMount) bool { return vm.Name == v.Name })
-			if i < 0 {
-				continue
-			}
 			vm := m.c.VolumeMounts[i]
-			if file = path.Join(vm.MountPath, file); !vm.ReadOnly || vm.SubPath != "" || file != m.img.configPath {
-				return "", fmt.Errorf("%s is mounted with readOnly %v subPath %q, want read-only, no subPath, at CONFIG_PATH=%s", file, vm.ReadOnly, vm.SubPath, m.img.configPath)
-			}
-			return file, nil
+			return m.img.configPath, unequal(want{"the mounted config.toml", path.Join(vm.MountPath, file), m.img.configPath}, want{"readOnly", vm.ReadOnly, true}, want{"subPath", vm.SubPath, ""})
 		}
 		return "", fmt.Errorf("no mounted volume from ConfigMap %s", m.cm.Name)
 	}},
 	{"the ConfigMap's config.toml is byte-identical to " + exampleConfig, func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, exampleConfig))
-		got, want := m.cm.Data[configKey], string(data)
-		if err != nil || got != want {
+		got, example := m.cm.Data[configKey], string(data)
+		if err != nil || got != example {
 			n := 0
-			for n < min(len(got), len(want)) && got[n] == want[n] {
+			for n < min(len(got), len(example)) && got[n] == example[n] {
 				n++
 			}
-			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q (%v)", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], want[n:min(n+40, len(want))], err)
+			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q (%v)", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], example[n:min(n+40, len(example))], err)
 		}
-		return fmt.Sprintf("%d bytes", len(want)), nil
+		return fmt.Sprintf("%d bytes", len(example)), nil
 	}},
 	{"Service is a ClusterIP with the two Tailscale Operator annotations and nothing more", func(m *manifests) (string, error) {
 		tailscale := maps.Clone(m.svc.Annotations)
 		maps.DeleteFunc(tailscale, func(k, _ string) bool { return !strings.Contains(k, "tailscale") })
-		want := map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}
-		if s := m.svc.Spec; s.Type != corev1.ServiceTypeClusterIP || s.LoadBalancerClass != nil || !maps.Equal(tailscale, want) {
-			return "", fmt.Errorf("type %q, loadBalancerClass %s, tailscale annotations %v: want ClusterIP, none, %v", s.Type, show(s.LoadBalancerClass), tailscale, want)
-		}
-		return fmt.Sprintf("expose %q, hostname %q", want["tailscale.com/expose"], want["tailscale.com/hostname"]), nil
+		return fmt.Sprintf("hostname %q", tailscale["tailscale.com/hostname"]), unequal(want{"type", m.svc.Spec.Type, corev1.ServiceTypeClusterIP},
+			want{"loadBalancerClass", m.svc.Spec.LoadBalancerClass, (*string)(nil)},
+			want{"the tailscale annotations", tailscale, map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}})
 	}},
 	{"the Service hostname is a valid DNS label", func(m *manifests) (string, error) {
 		h := m.svc.Annotations["tailscale.com/hostname"]
@@ -378,24 +343,21 @@ var manifestChecks = []check[*manifests]{
 	{"the Service selects the pod and serves the container port on the same port", func(m *manifests) (string, error) {
 		s, pod := m.svc.Spec, labels.Set(m.deploy.Spec.Template.Labels)
 		deploy, err := metav1.LabelSelectorAsSelector(m.deploy.Spec.Selector)
+		var ports []int32
+		for _, p := range s.Ports {
+			ports = append(ports, p.Port, m.resolve(p.TargetPort))
+		}
 		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || err != nil || !deploy.Matches(pod) {
 			return "", fmt.Errorf("service selector %v, deployment selector %v (%v), pod labels %v", s.Selector, deploy, err, pod)
 		}
-		if len(s.Ports) != 1 || s.Ports[0].Port != m.port || m.resolve(s.Ports[0].TargetPort) != m.port {
-			return "", fmt.Errorf("ports %v, want one port %d targeting the container port", s.Ports, m.port)
-		}
-		return fmt.Sprintf("tailnet clients use http://%s:%d", tailnetName, s.Ports[0].Port), nil
+		return fmt.Sprintf("tailnet clients use http://%s:%d", tailnetName, m.port), unequal(want{"the Service's port and target port", ports, []int32{m.port, m.port}})
 	}},
 }
 
-// runsAsImage checks the fields a pod's and a container's security context share.
-func (m *manifests) runsAsImage(s corev1.SecurityContext) error {
-	if !ptr.Deref(s.RunAsNonRoot, false) || ptr.Deref(s.RunAsUser, -1) != m.img.uid || ptr.Deref(s.RunAsGroup, -1) != m.img.gid ||
-		ptr.Deref(s.SeccompProfile, corev1.SeccompProfile{}).Type != corev1.SeccompProfileTypeRuntimeDefault {
-		return fmt.Errorf("runAsNonRoot %s, runAsUser:runAsGroup %s:%s, seccompProfile %s: want true, the image's USER %d:%d, RuntimeDefault",
-			show(s.RunAsNonRoot), show(s.RunAsUser), show(s.RunAsGroup), show(s.SeccompProfile), m.img.uid, m.img.gid)
-	}
-	return nil
+// runsAsImage lists what a pod's or a container's security context must hold.
+func (m *manifests) runsAsImage(nonRoot *bool, uid, gid *int64, seccomp *corev1.SeccompProfile) []want {
+	return []want{{"runAsNonRoot", nonRoot, ptr.To(true)}, {"runAsUser:runAsGroup (the image's USER)", []*int64{uid, gid}, []*int64{&m.img.uid, &m.img.gid}},
+		{"seccompProfile", seccomp, &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}}}
 }
 
 // resolve returns the number of a port given by number or by the container's port name.
@@ -431,15 +393,4 @@ func secretKey(v any, at string) string {
 		}
 	}
 	return ""
-}
-
-// show prints a pointer field's value, or "unset".
-func show[T any](p *T) string {
-	if p == nil {
-		return "unset"
-	}
-	if s, ok := any(p).(fmt.Stringer); ok {
-		return s.String()
-	}
-	return fmt.Sprint(*p)
 }
