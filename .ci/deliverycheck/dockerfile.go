@@ -81,6 +81,9 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
 	stages, globalArgs, err := instructions.Parse(ast.AST, nil)
+	if err == nil && len(stages) == 0 {
+		err = errors.New("no FROM")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
@@ -164,10 +167,13 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 var dockerfileChecks = []check[*dockerfile]{
 	{"builder: official Go image at go.mod's minor version, Debian variant, on $BUILDPLATFORM", func(d *dockerfile) (string, error) {
 		goMod, err := os.ReadFile(filepath.Join(d.repo, "go.mod"))
+		if err != nil {
+			return "", err
+		}
 		image, goLine := builderImage.FindStringSubmatch(d.builder.BaseName), goDirective.FindSubmatch(goMod)
-		if err != nil || image == nil || goLine == nil || image[1] != string(goLine[1]) || d.builder.Platform != "$BUILDPLATFORM" {
-			return "", fmt.Errorf("FROM --platform=%s %s and go.mod's %q (%v), want --platform=$BUILDPLATFORM (cross-compile, no emulation) golang:<go.mod's 1.N>-<Debian release>",
-				d.builder.Platform, d.builder.BaseName, goDirective.Find(goMod), err)
+		if image == nil || goLine == nil || image[1] != string(goLine[1]) || d.builder.Platform != "$BUILDPLATFORM" {
+			return "", fmt.Errorf("FROM --platform=%s %s and go.mod's %q, want --platform=$BUILDPLATFORM (cross-compile, no emulation) golang:<go.mod's 1.N>-<Debian release>",
+				d.builder.Platform, d.builder.BaseName, goDirective.Find(goMod))
 		}
 		return d.builder.BaseName, nil
 	}},
@@ -197,16 +203,19 @@ var dockerfileChecks = []check[*dockerfile]{
 				declared = append(declared, kv.Key)
 			}
 		}
-		ld := strings.Fields(b.flag("-ldflags"))
 		for _, w := range []struct {
-			in   []string
-			want string
+			where    string
+			in, want []string
 		}{
-			{b.env, "CGO_ENABLED=0"}, {b.env, "GOOS=$TARGETOS"}, {b.env, "GOARCH=$TARGETARCH"}, {b.args, "-trimpath"}, {b.args, "-o"},
-			{ld, "-s"}, {ld, "-w"}, {ld, "-X"}, {ld, "main.version=$VERSION"}, {declared, "TARGETOS"}, {declared, "TARGETARCH"}, {declared, "VERSION"},
+			{"go build's environment", b.env, []string{"CGO_ENABLED=0", "GOOS=$TARGETOS", "GOARCH=$TARGETARCH"}},
+			{"go build's arguments", b.args, []string{"-trimpath", "-o"}},
+			{"-ldflags", strings.Fields(b.flag("-ldflags")), []string{"-s", "-w", "-X", "main.version=$VERSION"}},
+			{"the build stage's ARGs (undeclared, they are empty)", declared, []string{"TARGETOS", "TARGETARCH", "VERSION"}},
 		} {
-			if !slices.Contains(w.in, w.want) {
-				return "", fmt.Errorf("line %d: no %s in %q (ARGs declared in the stage: %q)", b.line, w.want, slices.Concat(b.env, b.args), declared)
+			for _, want := range w.want {
+				if !slices.Contains(w.in, want) {
+					return "", fmt.Errorf("line %d: no %s in %s %q", b.line, want, w.where, w.in)
+				}
 			}
 		}
 		if slices.ContainsFunc(slices.Concat(d.img.buildEnv, d.img.buildArgs), func(w string) bool { return strings.Contains(w, "$") }) {

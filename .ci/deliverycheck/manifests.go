@@ -165,22 +165,24 @@ var manifestChecks = []check[*manifests]{
 	{"no Secret: no object kind or field anywhere names a secret", func(m *manifests) (string, error) {
 		for _, o := range m.objects {
 			var tree any
-			err := yaml.Unmarshal(o.doc, &tree)
-			if key := secretKey(tree, ""); err != nil || key != "" || strings.Contains(strings.ToLower(o.Kind), "secret") {
-				return "", fmt.Errorf("%s %s has %s (%v)", o.Kind, o.Name, key, err)
+			if err := yaml.Unmarshal(o.doc, &tree); err != nil {
+				return "", err
+			}
+			if key := secretKey(tree, ""); key != "" || strings.Contains(strings.ToLower(o.Kind), "secret") {
+				return "", fmt.Errorf("%s %s: %s", o.Kind, o.Name, cmp.Or(key, "its kind"))
 			}
 		}
 		return "", nil
 	}},
 	{"every object is in namespace " + namespaceName, func(m *manifests) (string, error) {
-		var problems []want
+		var wants []want
 		for _, o := range m.objects {
 			if o.Kind == "Namespace" {
 				o.Namespace = o.Name
 			}
-			problems = append(problems, want{o.Kind + " " + o.Name + "'s namespace", o.Namespace, namespaceName})
+			wants = append(wants, want{o.Kind + " " + o.Name + "'s namespace", o.Namespace, namespaceName})
 		}
-		return "", unequal(problems...)
+		return "", unequal(wants...)
 	}},
 	{"Namespace enforces the restricted Pod Security Standard", func(m *manifests) (string, error) {
 		return "", unequal(want{"label pod-security.kubernetes.io/enforce", m.ns.Labels["pod-security.kubernetes.io/enforce"], "restricted"})
@@ -232,8 +234,10 @@ var manifestChecks = []check[*manifests]{
 	{"startup, readiness and liveness probes GET /health on the container port", func(m *manifests) (string, error) {
 		var wants []want
 		for i, p := range []*corev1.Probe{m.c.StartupProbe, m.c.ReadinessProbe, m.c.LivenessProbe} {
+			name := []string{"startup", "readiness", "liveness"}[i] + " probe's httpGet scheme, path and port"
 			g := ptr.Deref(ptr.Deref(p, corev1.Probe{}).HTTPGet, corev1.HTTPGetAction{})
-			wants = append(wants, want{[]string{"startup", "readiness", "liveness"}[i] + " probe's httpGet scheme, path and port", []any{cmp.Or(g.Scheme, corev1.URISchemeHTTP), g.Path, m.resolve(g.Port)}, []any{corev1.URISchemeHTTP, "/health", m.port}})
+			got := []any{cmp.Or(g.Scheme, corev1.URISchemeHTTP), g.Path, m.resolve(g.Port)}
+			wants = append(wants, want{name, got, []any{corev1.URISchemeHTTP, "/health", m.port}})
 		}
 		return "", unequal(wants...)
 	}},
@@ -245,10 +249,13 @@ var manifestChecks = []check[*manifests]{
 		// The fields the container leaves unset are the pod's.
 		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
 		s := ptr.Deref(m.c.SecurityContext, corev1.SecurityContext{})
-		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), unequal(append(m.runsAsImage(cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot),
-			cmp.Or(s.RunAsUser, ps.RunAsUser), cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile)),
-			want{"readOnlyRootFilesystem", s.ReadOnlyRootFilesystem, ptr.To(true)}, want{"allowPrivilegeEscalation", s.AllowPrivilegeEscalation, ptr.To(false)},
-			want{"privileged", ptr.Deref(s.Privileged, false), false}, want{"capabilities", s.Capabilities, &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}})...)
+		wants := m.runsAsImage(cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot), cmp.Or(s.RunAsUser, ps.RunAsUser), cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile))
+		wants = append(wants,
+			want{"readOnlyRootFilesystem", s.ReadOnlyRootFilesystem, ptr.To(true)},
+			want{"allowPrivilegeEscalation", s.AllowPrivilegeEscalation, ptr.To(false)},
+			want{"privileged", ptr.Deref(s.Privileged, false), false},
+			want{"capabilities", s.Capabilities, &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}})
+		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), unequal(wants...)
 	}},
 	{"CPU and memory requests and limits are set, requests within limits", func(m *manifests) (string, error) {
 		var parts []string
@@ -264,19 +271,20 @@ var manifestChecks = []check[*manifests]{
 	}},
 	{"GOMEMLIMIT is below the memory limit, and at least 80% of it", func(m *manifests) (string, error) {
 		var val string
-		var soft resource.Quantity
 		for _, e := range m.c.Env {
 			if e.Name == "GOMEMLIMIT" {
 				val = e.Value
 			}
 		}
-		if g := goMemLimit.FindStringSubmatch(val); g != nil {
-			soft, _ = resource.ParseQuantity(g[1] + strings.TrimSuffix(g[2], "B")) // 110MiB is 110Mi
+		g := goMemLimit.FindStringSubmatch(val)
+		if g == nil {
+			return "", fmt.Errorf("GOMEMLIMIT %q, want a byte count the Go runtime reads, like 110MiB: Go does not read the container's memory limit", val)
 		}
+		soft, err := resource.ParseQuantity(g[1] + strings.TrimSuffix(g[2], "B")) // 110MiB is 110Mi
 		limit := m.c.Resources.Limits[corev1.ResourceMemory]
 		ratio := soft.AsApproximateFloat64() / limit.AsApproximateFloat64()
-		if soft.Cmp(limit) >= 0 || ratio < 0.8 {
-			return "", fmt.Errorf("GOMEMLIMIT %q = %d B, memory limit %s = %d B: want a byte count the Go runtime reads, like 110MiB (Go does not read the container's limit)", val, soft.Value(), &limit, limit.Value())
+		if err != nil || soft.Cmp(limit) >= 0 || ratio < 0.8 {
+			return "", fmt.Errorf("GOMEMLIMIT %s = %d B, memory limit %s = %d B (%v)", val, soft.Value(), &limit, limit.Value(), err)
 		}
 		return fmt.Sprintf("%s = %d B is %.0f%% of %s = %d B", val, soft.Value(), 100*ratio, &limit, limit.Value()), nil
 	}},
@@ -316,13 +324,16 @@ var manifestChecks = []check[*manifests]{
 	}},
 	{"the ConfigMap's config.toml is byte-identical to " + exampleConfig, func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, exampleConfig))
+		if err != nil {
+			return "", err
+		}
 		got, example := m.cm.Data[configKey], string(data)
-		if err != nil || got != example {
+		if got != example {
 			n := 0
 			for n < min(len(got), len(example)) && got[n] == example[n] {
 				n++
 			}
-			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q (%v)", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], example[n:min(n+40, len(example))], err)
+			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], example[n:min(n+40, len(example))])
 		}
 		return fmt.Sprintf("%d bytes", len(example)), nil
 	}},
@@ -343,12 +354,15 @@ var manifestChecks = []check[*manifests]{
 	{"the Service selects the pod and serves the container port on the same port", func(m *manifests) (string, error) {
 		s, pod := m.svc.Spec, labels.Set(m.deploy.Spec.Template.Labels)
 		deploy, err := metav1.LabelSelectorAsSelector(m.deploy.Spec.Selector)
+		if err != nil {
+			return "", err
+		}
 		var ports []int32
 		for _, p := range s.Ports {
 			ports = append(ports, p.Port, m.resolve(p.TargetPort))
 		}
-		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || err != nil || !deploy.Matches(pod) {
-			return "", fmt.Errorf("service selector %v, deployment selector %v (%v), pod labels %v", s.Selector, deploy, err, pod)
+		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || !deploy.Matches(pod) {
+			return "", fmt.Errorf("service selector %v, deployment selector %v, pod labels %v", s.Selector, deploy, pod)
 		}
 		return fmt.Sprintf("tailnet clients use http://%s:%d", tailnetName, m.port), unequal(want{"the Service's port and target port", ports, []int32{m.port, m.port}})
 	}},
