@@ -127,8 +127,8 @@ func unequal(wants ...want) error {
 	for _, w := range wants {
 		if !equality.Semantic.DeepEqual(w.got, w.want) {
 			got, _ := json.Marshal(w.got)
-			want, _ := json.Marshal(w.want)
-			problems = append(problems, fmt.Sprintf("%s is %s, want %s", w.name, got, want))
+			wanted, _ := json.Marshal(w.want)
+			problems = append(problems, fmt.Sprintf("%s is %s, want %s", w.name, got, wanted))
 		}
 	}
 	if len(problems) > 0 {
