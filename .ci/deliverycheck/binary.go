@@ -5,53 +5,63 @@ import (
 	"debug/buildinfo"
 	"debug/elf"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
 )
+
+// builtBinary is the reproduced binary, with the CA bundle copied beside it.
+type builtBinary struct {
+	*elf.File
+	path, ca string
+	target   target
+}
 
 // elfMachine maps GOARCH to the ELF machine the image's binary must carry.
 var elfMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
 
 // checkBinary checks the reproduced binary and the CA bundle copied beside it.
 func checkBinary(r *report, file, ca string, t target) {
-	fmt.Fprintln(r.w, "Binary:")
 	f, err := elf.Open(file)
 	if err != nil {
-		r.check("the binary is an ELF executable", func() (string, error) { return "", err })
+		fmt.Fprintln(r.w, "Binary:")
+		r.print("the binary is an ELF executable", "", err)
 		return
 	}
 	defer f.Close()
-	r.check("ELF executable for "+t.os+"/"+t.arch, func() (string, error) {
-		if want, ok := elfMachine[t.arch]; !ok || f.Machine != want || f.OSABI != elf.ELFOSABI_NONE && f.OSABI != elf.ELFOSABI_LINUX || f.Type != elf.ET_EXEC {
-			return "", fmt.Errorf("machine %v, OS ABI %v, type %v", f.Machine, f.OSABI, f.Type)
+	runChecks(r, "Binary:", binaryChecks, &builtBinary{f, file, ca, t})
+}
+
+var binaryChecks = []check[*builtBinary]{
+	{"ELF executable for the target platform", func(b *builtBinary) (string, error) {
+		if want, ok := elfMachine[b.target.arch]; !ok || b.Machine != want || b.OSABI != elf.ELFOSABI_NONE && b.OSABI != elf.ELFOSABI_LINUX || b.Type != elf.ET_EXEC {
+			return "", fmt.Errorf("machine %v, OS ABI %v, type %v; want %s/%s", b.Machine, b.OSABI, b.Type, b.target.os, b.target.arch)
 		}
-		return f.Machine.String(), nil
-	})
-	r.check("statically linked: no program interpreter, no dynamic section, no shared libraries", func() (string, error) {
-		for _, p := range f.Progs {
+		return b.Machine.String(), nil
+	}},
+	{"statically linked: no program interpreter, no dynamic section, no shared libraries", func(b *builtBinary) (string, error) {
+		for _, p := range b.Progs {
 			if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
 				return "", fmt.Errorf("program header %v: the binary needs a dynamic loader, which scratch lacks", p.Type)
 			}
 		}
-		if libs, _ := f.ImportedLibraries(); len(libs) > 0 {
+		if libs, _ := b.ImportedLibraries(); len(libs) > 0 {
 			return "", fmt.Errorf("needs %v", libs)
 		}
 		return "", nil
-	})
-	r.check("stripped (-s -w): no symbol table, no DWARF", func() (string, error) {
-		for _, s := range f.Sections {
+	}},
+	{"stripped (-s -w): no symbol table, no DWARF", func(b *builtBinary) (string, error) {
+		for _, s := range b.Sections {
 			if s.Name == ".symtab" || strings.HasPrefix(s.Name, ".debug_") || strings.HasPrefix(s.Name, ".zdebug_") {
 				return "", fmt.Errorf("section %s", s.Name)
 			}
 		}
 		return "", nil
-	})
+	}},
 	// -X main.version is checked by running -version: with -trimpath the go
 	// command leaves -ldflags out of the recorded build settings.
-	r.check("build settings: CGO_ENABLED=0, -trimpath, "+t.os+"/"+t.arch, func() (string, error) {
-		bi, err := buildinfo.ReadFile(file)
+	{"build settings: CGO_ENABLED=0, -trimpath, the target's GOOS and GOARCH", func(b *builtBinary) (string, error) {
+		bi, err := buildinfo.ReadFile(b.path)
 		if err != nil {
 			return "", err
 		}
@@ -60,22 +70,18 @@ func checkBinary(r *report, file, ca string, t target) {
 			got[s.Key] = s.Value
 		}
 		var problems []string
-		for _, k := range []string{"CGO_ENABLED", "-trimpath", "GOOS", "GOARCH"} {
-			want := map[string]string{"CGO_ENABLED": "0", "-trimpath": "true", "GOOS": t.os, "GOARCH": t.arch}[k]
-			if got[k] != want {
-				problems = append(problems, fmt.Sprintf("%s=%q, want %q", k, got[k], want))
+		for _, s := range [][2]string{{"CGO_ENABLED", "0"}, {"-trimpath", "true"}, {"GOOS", b.target.os}, {"GOARCH", b.target.arch}} {
+			if got[s[0]] != s[1] {
+				problems = append(problems, fmt.Sprintf("%s=%q, want %q", s[0], got[s[0]], s[1]))
 			}
 		}
 		if len(problems) > 0 {
-			return "", errors.New(strings.Join(problems, "; "))
+			return "", fmt.Errorf("%s", strings.Join(problems, "; "))
 		}
-		return fmt.Sprintf("%s, module %s", bi.GoVersion, bi.Main.Path), nil
-	})
-	r.check("the CA bundle holds parsable certificates", func() (string, error) {
-		data, err := os.ReadFile(ca)
-		if err != nil {
-			return "", err
-		}
+		return fmt.Sprintf("%s, module %s, %s/%s", bi.GoVersion, bi.Main.Path, got["GOOS"], got["GOARCH"]), nil
+	}},
+	{"the CA bundle holds parsable certificates", func(b *builtBinary) (string, error) {
+		data, err := os.ReadFile(b.ca)
 		n := 0
 		for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
 			if _, err := x509.ParseCertificate(block.Bytes); err == nil && block.Type == "CERTIFICATE" {
@@ -83,8 +89,8 @@ func checkBinary(r *report, file, ca string, t target) {
 			}
 		}
 		if n == 0 {
-			return "", fmt.Errorf("%s holds no certificate: TLS to the upstream could not verify", ca)
+			return "", fmt.Errorf("%s holds no certificate (%v): TLS to the upstream could not verify", b.ca, err)
 		}
 		return fmt.Sprintf("%d certificates", n), nil
-	})
+	}},
 }

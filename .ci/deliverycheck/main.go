@@ -19,17 +19,23 @@
 package main
 
 import (
+	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/api/equality"
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	const usage = "usage: deliverycheck static -repo DIR -rendered FILE -out DIR -binary PATH | binary -file PATH -ca FILE [-version V] [-goos OS] [-goarch ARCH]"
 	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: deliverycheck static|binary [flags]")
+		fmt.Fprintln(stderr, usage)
 		return 2
 	}
 	fs := flag.NewFlagSet("deliverycheck "+args[0], flag.ContinueOnError)
@@ -37,40 +43,27 @@ func run(args []string, stdout, stderr io.Writer) int {
 	version := fs.String("version", "ci", "value given to the Dockerfile's VERSION build argument")
 	goos := fs.String("goos", "linux", "target OS (the Dockerfile's TARGETOS)")
 	goarch := fs.String("goarch", "amd64", "target architecture (the Dockerfile's TARGETARCH)")
-	r := &report{w: stdout}
-	switch args[0] {
-	case "static":
-		repo := fs.String("repo", ".", "repository root: Dockerfile, .dockerignore, go.mod, k8s/ and the example config")
-		rendered := fs.String("rendered", "", "output of kubectl kustomize k8s")
-		out := fs.String("out", "", "directory for config.toml and image.env")
-		binary := fs.String("binary", "", "where the reproduced go build writes the binary")
-		if fs.Parse(args[1:]) != nil {
-			return 2
-		}
-		if *rendered == "" || *out == "" || *binary == "" {
-			fmt.Fprintln(stderr, "deliverycheck static: -rendered, -out and -binary are required")
-			return 2
-		}
-		if err := checkStatic(r, staticInput{
-			repo: *repo, rendered: *rendered, out: *out, binary: *binary,
-			target: target{os: *goos, arch: *goarch, version: *version},
-		}); err != nil {
+	repo := fs.String("repo", ".", "static: repository root: Dockerfile, .dockerignore, go.mod, k8s/ and the example config")
+	rendered := fs.String("rendered", "", "static: output of kubectl kustomize k8s")
+	out := fs.String("out", "", "static: directory for config.toml and image.env")
+	binary := fs.String("binary", "", "static: where the reproduced go build writes the binary")
+	file := fs.String("file", "", "binary: the built binary")
+	ca := fs.String("ca", "", "binary: the CA bundle the image carries")
+	if fs.Parse(args[1:]) != nil {
+		return 2
+	}
+	r, t := &report{w: stdout}, target{os: *goos, arch: *goarch, version: *version}
+	switch {
+	case args[0] == "static" && *rendered != "" && *out != "" && *binary != "":
+		in := staticInput{repo: *repo, rendered: *rendered, out: *out, binary: *binary, target: t}
+		if err := checkStatic(r, in); err != nil {
 			fmt.Fprintf(stderr, "deliverycheck static: %v\n", err)
 			return 1
 		}
-	case "binary":
-		file := fs.String("file", "", "the built binary")
-		ca := fs.String("ca", "", "the CA bundle the image carries")
-		if fs.Parse(args[1:]) != nil {
-			return 2
-		}
-		if *file == "" || *ca == "" {
-			fmt.Fprintln(stderr, "deliverycheck binary: -file and -ca are required")
-			return 2
-		}
-		checkBinary(r, *file, *ca, target{os: *goos, arch: *goarch, version: *version})
+	case args[0] == "binary" && *file != "" && *ca != "":
+		checkBinary(r, *file, *ca, t)
 	default:
-		fmt.Fprintf(stderr, "deliverycheck: unknown command %q, want static or binary\n", args[0])
+		fmt.Fprintln(stderr, usage)
 		return 2
 	}
 	if r.failures > 0 {
@@ -91,9 +84,8 @@ type report struct {
 	failures int
 }
 
-// check runs fn and prints "ok   what (detail)" or "FAIL what: error".
-func (r *report) check(what string, fn func() (detail string, err error)) {
-	detail, err := fn()
+// print prints "ok   what (detail)" or "FAIL what: err".
+func (r *report) print(what, detail string, err error) {
 	switch {
 	case err != nil:
 		r.failures++
@@ -103,4 +95,44 @@ func (r *report) check(what string, fn func() (detail string, err error)) {
 	default:
 		fmt.Fprintf(r.w, "  ok   %s\n", what)
 	}
+}
+
+// check is one invariant of a T: what it says, and the function that returns
+// a detail to print when it holds or the reason it does not.
+type check[T any] struct {
+	what string
+	fn   func(T) (detail string, err error)
+}
+
+// runChecks prints heading, then checks each invariant of v in order.
+func runChecks[T any](r *report, heading string, checks []check[T], v T) {
+	fmt.Fprintln(r.w, heading)
+	for _, c := range checks {
+		detail, err := c.fn(v)
+		r.print(c.what, detail, err)
+	}
+}
+
+// want is a value an invariant requires: what it is, what it was found to
+// be, and what it must be.
+type want struct {
+	name      string
+	got, want any
+}
+
+// unequal reports the wants whose got differs from their want, as Kubernetes
+// compares values (nil equals empty, quantities by value), or nil.
+func unequal(wants ...want) error {
+	var problems []string
+	for _, w := range wants {
+		if !equality.Semantic.DeepEqual(w.got, w.want) {
+			got, _ := json.Marshal(w.got)
+			wanted, _ := json.Marshal(w.want)
+			problems = append(problems, fmt.Sprintf("%s is %s, want %s", w.name, got, wanted))
+		}
+	}
+	if len(problems) > 0 {
+		return errors.New(strings.Join(problems, "; "))
+	}
+	return nil
 }
