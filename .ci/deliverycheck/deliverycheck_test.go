@@ -129,6 +129,9 @@ func copyRepo(t *testing.T) string {
 	for _, pattern := range []string{"*.go", "*.toml", "go.*", "Dockerfile", ".dockerignore", "k8s/*"} {
 		files, _ := filepath.Glob(filepath.Join(repoRoot, pattern))
 		for _, f := range files {
+			if fi, err := os.Stat(f); err == nil && fi.IsDir() {
+				continue // k8s/monitoring is not part of the base
+			}
 			rel, _ := filepath.Rel(repoRoot, f)
 			data, err := os.ReadFile(f)
 			if err == nil {
