@@ -626,19 +626,15 @@ func checkUpstream(raw string) (*url.URL, string) {
 // redactURL replaces the user information of raw, if any, with "REDACTED",
 // so that a message never repeats a password.
 func redactURL(raw string) string {
-	scheme, rest, ok := strings.Cut(raw, "//")
-	if !ok {
-		return raw
+	scheme, rest, _ := strings.Cut(raw, "//") // rest is "" when raw has no "//"
+	end := strings.IndexAny(rest, "/?#")      // the authority ends at the path, query or fragment
+	if end < 0 {
+		end = len(rest)
 	}
-	authority := rest
-	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
-		authority = rest[:i]
+	if at := strings.LastIndex(rest[:end], "@"); at >= 0 {
+		return scheme + "//REDACTED" + rest[at:]
 	}
-	at := strings.LastIndex(authority, "@")
-	if at < 0 {
-		return raw
-	}
-	return scheme + "//REDACTED" + rest[at:]
+	return raw
 }
 
 // buildHeader checks one [[headers]] entry and returns its rule: remove
