@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -64,16 +66,6 @@ func (m HeaderMode) String() string {
 		return headerModeNames[m]
 	}
 	return "HeaderMode(" + strconv.Itoa(int(m)) + ")"
-}
-
-// parseHeaderMode returns the mode spelled s, and false when s is no mode.
-func parseHeaderMode(s string) (HeaderMode, bool) {
-	for m, name := range headerModeNames {
-		if s == name {
-			return HeaderMode(m), true
-		}
-	}
-	return 0, false
 }
 
 // HeaderRule is one [[headers]] entry.
@@ -137,107 +129,49 @@ func parseConfig(file string, data []byte) (*Config, error) {
 	if err := p.parse(data); err != nil {
 		return nil, err
 	}
-	cfg := &Config{Path: file}
-	if err := p.buildProxy(cfg); err != nil {
+	cfg, err := p.buildProxy()
+	if err != nil {
 		return nil, err
 	}
-	if err := p.buildHeaders(cfg); err != nil {
-		return nil, err
+	cfg.Path = file
+	seen := make(map[string]int) // lower-case header name -> line of its name key
+	for _, t := range p.headers {
+		rule, err := p.buildHeader(t)
+		if err != nil {
+			return nil, err
+		}
+		lower, line := strings.ToLower(rule.Name), t.keys["name"].line
+		if first, dup := seen[lower]; dup {
+			return nil, p.errorAt(line, "duplicate header %s, already configured on line %d (header names are case-insensitive)", quote(rule.Name), first)
+		}
+		seen[lower] = line
+		cfg.Headers = append(cfg.Headers, rule)
 	}
 	return cfg, nil
-}
-
-// valueKind is the type of a config value.
-type valueKind uint8
-
-const (
-	kindString  valueKind = iota // "..." or '...'
-	kindInteger                  // decimal, with optional _ separators
-	kindBoolean                  // true or false
-)
-
-// String returns the kind with its article, as messages use it: "a string".
-func (k valueKind) String() string {
-	switch k {
-	case kindString:
-		return "a string"
-	case kindInteger:
-		return "an integer"
-	}
-	return "a boolean"
-}
-
-// value is one parsed config value.
-type value struct {
-	kind valueKind
-	str  string // kindString: the string after escapes
-	num  int64  // kindInteger
-	text string // kindInteger and kindBoolean: the value as written
-}
-
-// describe says what v is, for "must be X, got Y" messages.
-func (v value) describe() string {
-	switch v.kind {
-	case kindString:
-		return "string " + quote(v.str)
-	case kindInteger:
-		return "integer " + v.text
-	}
-	return "boolean " + v.text
-}
-
-// entry is one key = value assignment, with its line for validation messages.
-type entry struct {
-	value
-	line int
 }
 
 // table is one [proxy] table or one [[headers]] entry as parsed.
 type table struct {
 	name string           // "proxy" or "headers"
 	line int              // line of the table header
-	keys map[string]entry // by key
+	keys map[string]value // by key
 }
 
-// keySpec is one key a table accepts.
-type keySpec struct {
-	name string
-	kind valueKind
+// value is one parsed config value.
+type value struct {
+	str  string // a string after its escapes, or an integer as written
+	num  int64  // an integer
+	line int    // where it was set, for validation messages
 }
 
-// proxyKeys are the keys of [proxy], in the order messages list them.
-var proxyKeys = []keySpec{
-	{"listen_addr", kindString},
-	{"upstream_url", kindString},
-	{"timeout_secs", kindInteger},
-	{"max_connections", kindInteger},
-	{"max_body_bytes", kindInteger},
+// tableKeys are the keys of each table, in the order messages list them.
+var tableKeys = map[string][]string{
+	"proxy":   {"listen_addr", "upstream_url", "timeout_secs", "max_connections", "max_body_bytes"},
+	"headers": {"name", "value", "mode"},
 }
 
-// headerKeys are the keys of a [[headers]] entry, in the order messages list them.
-var headerKeys = []keySpec{
-	{"name", kindString},
-	{"value", kindString},
-	{"mode", kindString},
-}
-
-// tableKeys returns the keys table accepts.
-func tableKeys(table string) []keySpec {
-	if table == "proxy" {
-		return proxyKeys
-	}
-	return headerKeys
-}
-
-// lookupKey returns the kind of key in table, and false when table has no such key.
-func lookupKey(table, key string) (valueKind, bool) {
-	for _, k := range tableKeys(table) {
-		if k.name == key {
-			return k.kind, true
-		}
-	}
-	return 0, false
-}
+// integerKeys are the keys whose value is an integer; the others take a string.
+var integerKeys = []string{"timeout_secs", "max_connections", "max_body_bytes"}
 
 // parser turns the lines of one config file into tables. It reads each line
 // once and keeps no state beyond the tables seen so far.
@@ -259,232 +193,313 @@ func (p *parser) errorAt(line int, format string, args ...any) error {
 	return &ConfigError{File: p.file, Line: line, Msg: fmt.Sprintf(format, args...)}
 }
 
-// Byte order marks: UTF-8's is accepted at the start of the file (some
-// editors write one); UTF-16's, big- and little-endian, are refused kindly.
-const (
-	utf8BOM    = "\xEF\xBB\xBF"
-	utf16BEBOM = "\xFE\xFF"
-	utf16LEBOM = "\xFF\xFE"
-)
-
-// parse reads data line by line into p's tables.
+// parse reads data line by line into p's tables. Each line is blank, a
+// comment, a table header or key = value.
 func (p *parser) parse(data []byte) error {
 	text := string(data)
-	if strings.HasPrefix(text, utf16BEBOM) || strings.HasPrefix(text, utf16LEBOM) {
-		p.line = 1
-		return p.errorf("file looks like UTF-16 (it starts with a UTF-16 byte order mark), expected UTF-8; save it as UTF-8")
+	// A UTF-16 byte order mark, big- or little-endian, is refused kindly;
+	// UTF-8's is skipped (some editors write one).
+	if strings.HasPrefix(text, "\xFE\xFF") || strings.HasPrefix(text, "\xFF\xFE") {
+		return p.errorAt(1, "file looks like UTF-16 (it starts with a UTF-16 byte order mark), expected UTF-8; save it as UTF-8")
 	}
-	text = strings.TrimPrefix(text, utf8BOM)
-	for line := range strings.SplitSeq(text, "\n") {
+	for line := range strings.SplitSeq(strings.TrimPrefix(text, "\xEF\xBB\xBF"), "\n") {
 		p.line++
-		if err := p.parseLine(line); err != nil {
+		line = strings.TrimSuffix(line, "\r") // CRLF line ends
+		if err := p.checkText(line); err != nil {
+			return err
+		}
+		sc := &scanner{input: line}
+		sc.skipSpace()
+		var err error
+		switch sc.peek() {
+		case eof, '#': // blank or comment
+		case '[':
+			err = p.parseTableHeader(sc)
+		default:
+			err = p.parseKeyValue(sc)
+		}
+		if err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// parseLine handles one line: blank, comment, table header or key = value.
-func (p *parser) parseLine(line string) error {
-	line = strings.TrimSuffix(line, "\r") // CRLF line ends
-	if err := p.checkText(line); err != nil {
-		return err
-	}
-	s := strings.TrimLeft(line, " \t")
-	switch {
-	case s == "" || s[0] == '#':
-		return nil
-	case s[0] == '[':
-		return p.parseTableHeader(s)
-	}
-	return p.parseKeyValue(s)
-}
-
-// checkText rejects bytes a TOML file may not hold anywhere: invalid UTF-8,
+// checkText rejects what a TOML file may not hold anywhere: invalid UTF-8,
 // NUL, and control characters other than tab. Columns count characters.
 func (p *parser) checkText(line string) error {
 	for i, r := range line {
+		col := func() int { return utf8.RuneCountInString(line[:i]) + 1 }
 		switch {
 		case r == utf8.RuneError && !strings.HasPrefix(line[i:], "\uFFFD"):
-			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], column(line, i))
+			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], col())
 		case r == 0:
-			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", column(line, i))
+			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", col())
 		case r == '\r':
-			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", column(line, i))
-		case (r < 0x20 && r != '\t') || r == 0x7F:
-			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, column(line, i))
+			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", col())
+		case isControl(r):
+			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, col())
 		}
 	}
 	return nil
 }
 
-// column returns the 1-based column, in characters, of byte i of line.
-func column(line string, i int) int { return utf8.RuneCountInString(line[:i]) + 1 }
+// isControl reports whether r is a control character other than tab. TOML
+// refuses them in the file, and HTTP in a header value.
+func isControl(r rune) bool { return (r < 0x20 && r != '\t') || r == 0x7F }
 
-// parseTableHeader handles a line starting with '[': [table] or [[array-of-tables]].
-func (p *parser) parseTableHeader(s string) error {
-	array := strings.HasPrefix(s, "[[")
-	open, closing := "[", "]"
-	if array {
-		open, closing = "[[", "]]"
+// parseTableHeader reads a [proxy] or [[headers]] line; sc is at the '['.
+func (p *parser) parseTableHeader(sc *scanner) error {
+	start := sc.pos
+	sc.next()
+	array := sc.accept("[")
+	sc.skipSpace()
+	name := sc.acceptRun(bareKeyChars)
+	sc.skipSpace()
+	closed := sc.accept("]") && (!array || sc.accept("]"))
+	switch {
+	case name == "tailscale":
+		return p.errorf("the [tailscale] section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section")
+	case !closed || !(name == "proxy" && !array || name == "headers" && array):
+		return p.errorf("invalid table header %s, expected [proxy] or [[headers]]", quote(strings.TrimRight(sc.input[start:], " \t")))
 	}
-	body := s[len(open):]
-	end := strings.Index(body, closing)
-	if end < 0 {
-		return p.errorf("unterminated table header %s, expected %q", quote(s), closing)
-	}
-	name := strings.Trim(body[:end], " \t")
-	written := shown(open + name + closing) // cut and quoted when needed
-	if err := p.checkTableName(name, written, array); err != nil {
+	if err := p.endOfLine(sc, "table header "+sc.input[start:sc.pos]); err != nil {
 		return err
 	}
-	if rest := trimComment(body[end+len(closing):]); rest != "" {
-		return p.errorf("trailing garbage after table header %s, expected end of line or # comment, got %s", written, quote(rest))
-	}
-	return p.openTable(name)
-}
-
-// trimComment returns s without surrounding whitespace, or "" when what is
-// left is a # comment.
-func trimComment(s string) string {
-	s = strings.Trim(s, " \t")
-	if strings.HasPrefix(s, "#") {
-		return ""
-	}
-	return s
-}
-
-// checkTableName accepts exactly [proxy] and [[headers]], with a message
-// for each way of getting it wrong.
-func (p *parser) checkTableName(name, written string, array bool) error {
+	t := &table{name: name, line: p.line, keys: make(map[string]value)}
 	switch {
-	case name == "":
-		return p.errorf("empty table name %s, expected [proxy] or [[headers]]", written)
-	case strings.ContainsAny(name, `"'`):
-		return p.errorf("quoted table names are not supported, expected [proxy] or [[headers]], got %s", written)
-	case strings.Trim(strings.SplitN(name, ".", 2)[0], " \t") == "tailscale":
-		return p.errorf("the %s section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section", written)
-	case strings.Contains(name, "."):
-		return p.errorf("dotted table names are not supported, expected [proxy] or [[headers]], got %s", written)
-	case !isBareKey(name):
-		return p.errorf("invalid table name %s, expected [proxy] or [[headers]]", quote(name))
-	case name == "proxy" && array:
-		return p.errorf("proxy is a single table, expected [proxy], got %s", written)
-	case name == "headers" && !array:
-		return p.errorf("headers is an array of tables, expected [[headers]] (one per header), got %s", written)
-	case name != "proxy" && name != "headers":
-		return p.errorf("unknown table %s, expected [proxy] or [[headers]]", written)
-	}
-	return nil
-}
-
-// openTable starts the table name, which checkTableName accepted.
-func (p *parser) openTable(name string) error {
-	t := &table{name: name, line: p.line, keys: make(map[string]entry)}
-	if name == "proxy" {
-		if p.proxy != nil {
-			return p.errorf("duplicate table [proxy], first defined on line %d", p.proxy.line)
-		}
-		p.proxy = t
-	} else {
+	case array:
 		p.headers = append(p.headers, t)
+	case p.proxy != nil:
+		return p.errorf("duplicate table [proxy], first defined on line %d", p.proxy.line)
+	default:
+		p.proxy = t
 	}
 	p.cur = t
 	return nil
 }
 
-// isBareKey reports whether s is a non-empty TOML bare key: A-Z a-z 0-9 _ -.
-func isBareKey(s string) bool {
-	return s != "" && strings.Trim(s, bareKeyChars) == ""
-}
-
 // bareKeyChars are the characters of a TOML bare key.
 const bareKeyChars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 
-// parseKeyValue handles a key = value line, s without leading whitespace.
-func (p *parser) parseKeyValue(s string) error {
-	key, rest, err := p.splitKey(s)
-	if err != nil {
-		return err
-	}
-	if p.cur == nil {
-		return p.errorf("key %s appears before any table, expected %s", cut(key, maxShown), homeOf(key))
+// parseKeyValue reads a key = value line; sc is at the key.
+func (p *parser) parseKeyValue(sc *scanner) error {
+	start := sc.pos
+	key := sc.acceptRun(bareKeyChars)
+	sc.skipSpace()
+	switch {
+	case key == "":
+		return p.errorf("expected a bare key (A-Z a-z 0-9 _ -), [table] or # comment, got %s", quote(sc.rest()))
+	case sc.peek() == '.':
+		sc.acceptUntil("=")
+		return p.errorf("dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.TrimRight(sc.input[start:sc.pos], " \t")))
+	case sc.peek() == eof:
+		return p.errorf("expected \"=\" after key %s, got end of line", cut(key, maxShown))
+	case !sc.accept("="):
+		return p.errorf("expected \"=\" after key %s, got %s", cut(key, maxShown), quote(sc.rest()))
+	case p.cur == nil:
+		return p.errorf("key %s appears before any table, expected a [proxy] or [[headers]] table header first", cut(key, maxShown))
 	}
 	name := p.cur.name + "." + key
-	kind, ok := lookupKey(p.cur.name, key)
-	if !ok {
-		return p.unknownKey(name, key)
+	if !slices.Contains(tableKeys[p.cur.name], key) {
+		hint := "" // a key of the other table
+		if slices.Contains(tableKeys["proxy"], key) {
+			hint = " (" + key + " belongs under [proxy])"
+		} else if slices.Contains(tableKeys["headers"], key) {
+			hint = " (" + key + " belongs under [[headers]])"
+		}
+		return p.errorf("unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(tableKeys[p.cur.name], ", "), hint)
 	}
 	if prev, dup := p.cur.keys[key]; dup {
 		return p.errorf("duplicate key %s, first set on line %d", name, prev.line)
 	}
-	v, rest, err := p.lexValue(rest, name, kind)
+	v, err := p.lexValue(sc, name, slices.Contains(integerKeys, key))
 	if err != nil {
 		return err
 	}
-	if rest = trimComment(rest); rest != "" {
-		return p.errorf("trailing garbage after the value of %s, expected end of line or # comment, got %s", name, quote(rest))
+	v.line = p.line
+	p.cur.keys[key] = v
+	return p.endOfLine(sc, "the value of "+name)
+}
+
+// endOfLine checks that nothing but spaces and a # comment follows what.
+func (p *parser) endOfLine(sc *scanner, what string) error {
+	sc.skipSpace()
+	if r := sc.peek(); r != eof && r != '#' {
+		return p.errorf("trailing garbage after %s, expected end of line or # comment, got %s", what, quote(strings.TrimRight(sc.rest(), " \t")))
 	}
-	if v.kind != kind {
-		return p.errorf("%s must be %v, got %s", name, kind, v.describe())
-	}
-	p.cur.keys[key] = entry{value: v, line: p.line}
 	return nil
 }
 
-// homeOf says where a key found before any table header belongs.
-func homeOf(key string) string {
-	if _, ok := lookupKey("proxy", key); ok {
-		return "it under [proxy]"
+// lexValue reads the value of the key called name, an integer or a
+// string; sc is after the '='. Booleans are refused by type; every other
+// TOML value (float, date, array, inline table, another base) is unquoted
+// text that is no integer, refused with one message.
+func (p *parser) lexValue(sc *scanner, name string, integer bool) (value, error) {
+	want, hint := "a string", "strings must be quoted"
+	if integer {
+		want, hint = "an integer", "allowed: decimal digits such as 60 or 1_000, no leading zeros"
 	}
-	if _, ok := lookupKey("headers", key); ok {
-		return "it under [[headers]]"
-	}
-	return "a [proxy] or [[headers]] table header first"
-}
-
-// unknownKey returns the error for key, which the current table lacks,
-// listing the keys it has.
-func (p *parser) unknownKey(name, key string) error {
-	var names []string
-	for _, k := range tableKeys(p.cur.name) {
-		names = append(names, k.name)
-	}
-	hint := ""
-	if _, ok := lookupKey("proxy", key); ok && p.cur.name == "headers" {
-		hint = " (" + key + " belongs under [proxy])"
-	} else if _, ok := lookupKey("headers", key); ok && p.cur.name == "proxy" {
-		hint = " (" + key + " belongs under [[headers]])"
-	}
-	return p.errorf("unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(names, ", "), hint)
-}
-
-// splitKey reads the bare key at the start of s and the '=' after it, and
-// returns the key and the text after '='.
-func (p *parser) splitKey(s string) (key, rest string, err error) {
-	if s[0] == '"' || s[0] == '\'' {
-		quoted, _, _ := strings.Cut(s[1:], s[:1])
-		return "", "", p.errorf("quoted keys are not supported, expected a bare key (A-Z a-z 0-9 _ -), got quoted key %s", quote(quoted))
-	}
-	sc := &scanner{input: s}
-	sc.acceptRun(bareKeyChars)
-	key = s[:sc.pos]
 	sc.skipSpace()
-	switch {
-	case key == "" && sc.peek() == '=':
-		return "", "", p.errorf("expected a bare key before \"=\", got nothing")
-	case key == "":
-		return "", "", p.errorf("expected a key, [table] or # comment, got %s", quote(s))
-	case sc.peek() == '.':
-		dotted, _, _ := strings.Cut(s, "=")
-		return "", "", p.errorf("dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.Trim(dotted, " \t")))
-	case sc.peek() == eof:
-		return "", "", p.errorf("expected \"=\" after key %s, got end of line", cut(key, maxShown))
-	case sc.next() != '=':
-		return "", "", p.errorf("expected \"=\" after key %s, got %s", cut(key, maxShown), quote(s[sc.pos-sc.width:]))
+	rest := sc.rest()
+	var got string // what was found instead
+	switch r := sc.peek(); {
+	case r == eof || r == '#':
+		got = "nothing"
+	case strings.HasPrefix(rest, `"""`) || strings.HasPrefix(rest, "'''"):
+		return value{}, p.errorf("%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
+	case r == '"' || r == '\'':
+		s, err := p.lexString(sc, name)
+		if err != nil || !integer {
+			return value{str: s}, err
+		}
+		got = "string " + quote(s)
+	default:
+		tok := sc.acceptUntil(" \t#")
+		switch {
+		case tok == "true" || tok == "false":
+			got = "boolean " + tok
+		case !isDecimal(tok):
+			got = "unquoted text " + quote(strings.TrimRight(rest, " \t")) + " (" + hint + ")"
+		case !integer:
+			got = "integer " + cut(tok, maxShown)
+		default:
+			// Out of the int64 range, ParseInt returns the nearest int64,
+			// which every limit refuses, quoting the number as written.
+			n, _ := strconv.ParseInt(strings.ReplaceAll(tok, "_", ""), 10, 64)
+			return value{str: tok, num: n}, nil
+		}
 	}
-	return key, s[sc.pos:], nil
+	return value{}, p.errorf("%s must be %s, got %s", name, want, got)
 }
+
+// isDecimal reports whether tok is a TOML decimal integer: an optional
+// sign, no leading zeros, '_' only between digits.
+func isDecimal(tok string) bool {
+	sc := &scanner{input: tok}
+	sc.accept("+-")
+	if sc.accept("0") {
+		return sc.peek() == eof
+	}
+	ok := sc.accept("123456789")
+	for ok && sc.peek() != eof {
+		sc.accept("_")
+		ok = sc.accept("0123456789")
+	}
+	return ok
+}
+
+// lexString reads a "..." string, with its escapes, or a '...' string,
+// without; sc is at the opening quote.
+func (p *parser) lexString(sc *scanner, name string) (string, error) {
+	delim := sc.next()
+	var b strings.Builder
+	for {
+		switch r := sc.next(); {
+		case r == eof:
+			return "", p.errorf("%s: unterminated string, expected a closing %c before the end of the line", name, delim)
+		case r == delim:
+			return b.String(), nil
+		case r == '\\' && delim == '"':
+			if err := p.lexEscape(sc, &b, name); err != nil {
+				return "", err
+			}
+		default:
+			b.WriteRune(r)
+		}
+	}
+}
+
+// lexEscape reads the escape after a backslash in a basic string into b.
+func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
+	r := sc.next()
+	if i := strings.IndexRune(`"\ntr`, r); i >= 0 {
+		b.WriteByte("\"\\\n\t\r"[i]) // the character each escape stands for
+		return nil
+	}
+	switch r {
+	case 'u':
+		start := sc.pos
+		for range 4 {
+			sc.accept("0123456789abcdefABCDEF") // once one fails, the rest fail too
+		}
+		hex := sc.input[start:sc.pos]
+		code, _ := strconv.ParseUint(hex, 16, 32)
+		if len(hex) < 4 || !utf8.ValidRune(rune(code)) {
+			return p.errorf(`%s: invalid escape \u%s, expected \u and 4 hex digits of a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
+		}
+		b.WriteRune(rune(code))
+	case eof: // lexString reports the unterminated string
+	default:
+		esc := `\` + string(r)
+		if !unicode.IsPrint(r) {
+			esc = strconv.Quote(esc)
+		}
+		return p.errorf(`%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, esc)
+	}
+	return nil
+}
+
+// eof is what scanner.peek and scanner.next return at the end of the line.
+const eof = -1
+
+// scanner reads one line rune by rune, in the manner of text/template/parse's
+// lexer. The line is valid UTF-8 (checkText ran first).
+type scanner struct {
+	input string
+	pos   int // next byte to read
+}
+
+// peek returns the next rune without consuming it, or eof.
+func (s *scanner) peek() rune {
+	if s.pos >= len(s.input) {
+		return eof
+	}
+	r, _ := utf8.DecodeRuneInString(s.input[s.pos:])
+	return r
+}
+
+// next consumes and returns the next rune, or eof.
+func (s *scanner) next() rune {
+	r := s.peek()
+	if r != eof {
+		s.pos += utf8.RuneLen(r)
+	}
+	return r
+}
+
+// accept consumes the next rune if it is in valid.
+func (s *scanner) accept(valid string) bool {
+	ok := strings.ContainsRune(valid, s.peek())
+	if ok {
+		s.next()
+	}
+	return ok
+}
+
+// acceptRun consumes runes while they are in valid, and returns them.
+func (s *scanner) acceptRun(valid string) string {
+	start := s.pos
+	for s.accept(valid) {
+	}
+	return s.input[start:s.pos]
+}
+
+// acceptUntil consumes runes up to the end of the line or the first rune
+// in stop, and returns them.
+func (s *scanner) acceptUntil(stop string) string {
+	start := s.pos
+	for r := s.peek(); r != eof && !strings.ContainsRune(stop, r); r = s.peek() {
+		s.next()
+	}
+	return s.input[start:s.pos]
+}
+
+// skipSpace consumes spaces and tabs.
+func (s *scanner) skipSpace() { s.acceptRun(" \t") }
+
+// rest returns the unread part of the line.
+func (s *scanner) rest() string { return s.input[s.pos:] }
 
 // maxShown is the most bytes of the file's text a message repeats (60),
 // so that a message stays one short line whatever the input.
@@ -492,16 +507,6 @@ const maxShown = 60
 
 // quote returns s for a message: cut to maxShown bytes and quoted.
 func quote(s string) string { return strconv.Quote(cut(s, maxShown)) }
-
-// shown returns s for a message: cut to maxShown bytes, and quoted unless
-// every character is printable.
-func shown(s string) string {
-	s = cut(s, maxShown)
-	if strings.ContainsFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) {
-		return strconv.Quote(s)
-	}
-	return s
-}
 
 // cut shortens s to at most n bytes for a message, on a rune boundary.
 func cut(s string, n int) string {
@@ -514,315 +519,48 @@ func cut(s string, n int) string {
 	return s[:n] + "..."
 }
 
-// lexValue reads the value at the start of s (after optional whitespace)
-// for the key called name, which wants a value of kind want. It returns the
-// value and the text after it.
-func (p *parser) lexValue(s, name string, want valueKind) (value, string, error) {
-	s = strings.TrimLeft(s, " \t")
-	unsupported := func(what, note string) error {
-		return p.errorf("%s must be %v, got %s %s (%s)", name, want, what, quote(s), note)
-	}
-	switch {
-	case s == "" || s[0] == '#':
-		return value{}, "", p.errorf("%s must be %v, got nothing", name, want)
-	case strings.HasPrefix(s, `"""`) || strings.HasPrefix(s, "'''"):
-		return value{}, "", p.errorf("%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
-	case s[0] == '"':
-		return p.lexBasicString(s, name)
-	case s[0] == '\'':
-		return p.lexLiteralString(s, name)
-	case s[0] == '[':
-		return value{}, "", unsupported("array", "arrays are not supported")
-	case s[0] == '{':
-		return value{}, "", unsupported("inline table", "inline tables are not supported")
-	}
-	end := strings.IndexAny(s, " \t#")
-	if end < 0 {
-		end = len(s)
-	}
-	v, err := p.lexBare(s[:end], name, want)
-	return v, s[end:], err
-}
-
-// lexBare reads tok, an unquoted value: a boolean or a decimal integer, or
-// one of the TOML forms this subset refuses (floats, dates, other bases).
-func (p *parser) lexBare(tok, name string, want valueKind) (value, error) {
-	if tok == "true" || tok == "false" {
-		return value{kind: kindBoolean, text: tok}, nil
-	}
-	unsigned := tok
-	if tok[0] == '+' || tok[0] == '-' {
-		unsigned = tok[1:]
-	}
-	unsupported := func(what, note string) (value, error) {
-		return value{}, p.errorf("%s must be %v, got %s %s (%s)", name, want, what, shown(tok), note)
-	}
-	switch {
-	case unsigned == "inf" || unsigned == "nan":
-		return unsupported("float", "floats are not supported")
-	case unsigned == "" || !isDigit(unsigned[0]):
-		return value{}, p.unquoted(tok, name, want)
-	case isDateTime(tok):
-		return unsupported("date-time", "dates and times are not supported")
-	case strings.HasPrefix(tok, "0x"):
-		return unsupported("hexadecimal integer", "only decimal integers are supported")
-	case strings.HasPrefix(tok, "0o"):
-		return unsupported("octal integer", "only decimal integers are supported")
-	case strings.HasPrefix(tok, "0b"):
-		return unsupported("binary integer", "only decimal integers are supported")
-	case isFloat(unsigned):
-		return unsupported("float", "floats are not supported")
-	}
-	n, problem, ok := parseDecimal(tok)
-	switch {
-	case !ok:
-		return value{}, p.unquoted(tok, name, want)
-	case want != kindInteger:
-		return value{}, p.errorf("%s must be %v, got integer %s", name, want, shown(tok))
-	case problem != "":
-		return value{}, p.errorf("%s must be a decimal integer, got %s (%s)", name, shown(tok), problem)
-	}
-	return value{kind: kindInteger, num: n, text: tok}, nil
-}
-
-// unquoted returns the error for tok, unquoted text that is no TOML value.
-func (p *parser) unquoted(tok, name string, want valueKind) error {
-	hint := ""
-	if want == kindString {
-		hint = " (strings must be quoted)"
-	}
-	return p.errorf("%s must be %v, got unquoted text %s%s", name, want, quote(tok), hint)
-}
-
-// isDigit reports whether c is an ASCII digit.
-func isDigit(c byte) bool { return '0' <= c && c <= '9' }
-
-// isDateTime reports whether tok starts like a TOML date (1979-05-27) or
-// time (07:32:00).
-func isDateTime(tok string) bool {
-	digitsAt := func(s string, idx ...int) bool {
-		for _, i := range idx {
-			if i >= len(s) || !isDigit(s[i]) {
-				return false
-			}
-		}
-		return true
-	}
-	date := len(tok) >= 10 && tok[4] == '-' && tok[7] == '-' && digitsAt(tok, 0, 1, 2, 3, 5, 6, 8, 9)
-	clock := len(tok) >= 8 && tok[2] == ':' && tok[5] == ':' && digitsAt(tok, 0, 1, 3, 4, 6, 7)
-	return date || clock
-}
-
-// isFloat reports whether s (without sign) has the shape of a TOML float:
-// digits with a fraction, an exponent or both (1.5, 1e3, 6.02e+23).
-func isFloat(s string) bool {
-	mantissa, exp, hasExp := strings.Cut(strings.ToLower(s), "e")
-	whole, frac, hasFrac := strings.Cut(mantissa, ".")
-	if hasExp {
-		exp = strings.TrimLeft(exp, "+-")
-	}
-	digits := func(t string) bool { return t != "" && strings.Trim(t, "0123456789_") == "" }
-	return (hasExp || hasFrac) && digits(whole) && (!hasFrac || digits(frac)) && (!hasExp || digits(exp))
-}
-
-// parseDecimal parses tok as a TOML decimal integer: an optional sign, no
-// leading zeros, '_' only between digits. ok is false when tok is not made
-// of a sign, digits and underscores at all; problem says why an integer-like
-// tok is still invalid.
-func parseDecimal(tok string) (n int64, problem string, ok bool) {
-	sign, digits := "", tok
-	if tok[0] == '+' || tok[0] == '-' {
-		sign, digits = tok[:1], tok[1:]
-	}
-	if digits == "" || strings.Trim(digits, "0123456789_") != "" {
-		return 0, "", false
-	}
-	if digits[0] == '_' || digits[len(digits)-1] == '_' || strings.Contains(digits, "__") {
-		return 0, "underscores are allowed only between digits", true
-	}
-	plain := strings.ReplaceAll(digits, "_", "")
-	if len(plain) > 1 && plain[0] == '0' {
-		return 0, "leading zeros are not allowed", true
-	}
-	n, err := strconv.ParseInt(sign+plain, 10, 64)
-	if err != nil {
-		return 0, "out of the 64-bit integer range", true
-	}
-	return n, "", true
-}
-
-// lexBasicString reads the "..." string at the start of s, with its escapes.
-func (p *parser) lexBasicString(s, name string) (value, string, error) {
-	sc := &scanner{input: s}
-	sc.next() // the opening quote
-	var b strings.Builder
-	for {
-		switch r := sc.next(); r {
-		case eof:
-			return value{}, "", p.errorf("%s: unterminated string, expected a closing \" before the end of the line", name)
-		case '"':
-			return value{kind: kindString, str: b.String()}, sc.rest(), nil
-		case '\\':
-			if err := p.lexEscape(sc, &b, name); err != nil {
-				return value{}, "", err
-			}
-		default:
-			b.WriteRune(r)
-		}
-	}
-}
-
-// lexEscape reads the escape after a backslash in a basic string into b.
-func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
-	switch r := sc.next(); r {
-	case '"', '\\':
-		b.WriteRune(r)
-	case 'n':
-		b.WriteByte('\n')
-	case 't':
-		b.WriteByte('\t')
-	case 'r':
-		b.WriteByte('\r')
-	case 'u':
-		return p.lexUnicodeEscape(sc, b, name)
-	case eof:
-		return p.errorf("%s: unterminated string, expected a closing \" before the end of the line", name)
-	default:
-		return p.errorf(`%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, shown(`\`+string(r)))
-	}
-	return nil
-}
-
-// lexUnicodeEscape reads the four hex digits of a \uXXXX escape into b.
-func (p *parser) lexUnicodeEscape(sc *scanner, b *strings.Builder, name string) error {
-	start := sc.pos
-	for range 4 {
-		if !sc.accept("0123456789abcdefABCDEF") {
-			return p.errorf(`%s: invalid escape \u%s, expected \u followed by 4 hex digits`, name, sc.input[start:sc.pos])
-		}
-	}
-	hex := sc.input[start:sc.pos]
-	code, _ := strconv.ParseUint(hex, 16, 32) // four hex digits always parse
-	r := rune(code)
-	if !utf8.ValidRune(r) {
-		return p.errorf(`%s: invalid escape \u%s, expected a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
-	}
-	b.WriteRune(r)
-	return nil
-}
-
-// lexLiteralString reads the '...' string at the start of s: no escapes.
-func (p *parser) lexLiteralString(s, name string) (value, string, error) {
-	end := strings.IndexByte(s[1:], '\'')
-	if end < 0 {
-		return value{}, "", p.errorf("%s: unterminated string, expected a closing ' before the end of the line", name)
-	}
-	return value{kind: kindString, str: s[1 : 1+end]}, s[2+end:], nil
-}
-
-// eof is what scanner.next returns at the end of the line.
-const eof = -1
-
-// scanner reads one line rune by rune, in the manner of text/template/parse's
-// lexer. The line is valid UTF-8 (checkText ran first).
-type scanner struct {
-	input string
-	pos   int // next byte to read
-	width int // width of the last rune read, for backup
-}
-
-// next returns the next rune, or eof.
-func (s *scanner) next() rune {
-	if s.pos >= len(s.input) {
-		s.width = 0
-		return eof
-	}
-	r, w := utf8.DecodeRuneInString(s.input[s.pos:])
-	s.pos += w
-	s.width = w
-	return r
-}
-
-// backup steps back over the rune next returned; call it once per next.
-func (s *scanner) backup() { s.pos -= s.width }
-
-// peek returns the next rune without consuming it.
-func (s *scanner) peek() rune {
-	r := s.next()
-	s.backup()
-	return r
-}
-
-// accept consumes the next rune if it is in valid.
-func (s *scanner) accept(valid string) bool {
-	if strings.ContainsRune(valid, s.next()) {
-		return true
-	}
-	s.backup()
-	return false
-}
-
-// acceptRun consumes runes while they are in valid.
-func (s *scanner) acceptRun(valid string) {
-	for s.accept(valid) {
-	}
-}
-
-// skipSpace consumes spaces and tabs.
-func (s *scanner) skipSpace() { s.acceptRun(" \t") }
-
-// rest returns the unread part of the line.
-func (s *scanner) rest() string { return s.input[s.pos:] }
-
-// buildProxy fills cfg from the [proxy] table, applying defaults and checks.
-func (p *parser) buildProxy(cfg *Config) error {
+// buildProxy returns the config of the [proxy] table, with defaults and checks.
+func (p *parser) buildProxy() (*Config, error) {
 	t := p.proxy
 	if t == nil {
-		return p.errorAt(0, "missing [proxy] table, expected [proxy] with listen_addr and upstream_url")
+		return nil, p.errorAt(0, "missing [proxy] table, expected [proxy] with listen_addr and upstream_url")
 	}
 	for _, key := range []string{"listen_addr", "upstream_url"} {
 		if _, ok := t.keys[key]; !ok {
-			return p.errorAt(0, "proxy.%s is required", key)
+			return nil, p.errorAt(0, "proxy.%s is required", key)
 		}
 	}
-	addr := t.keys["listen_addr"]
+	addr, up := t.keys["listen_addr"], t.keys["upstream_url"]
 	if msg := checkListenAddr(addr.str); msg != "" {
-		return p.errorAt(addr.line, "proxy.listen_addr %s", msg)
+		return nil, p.errorAt(addr.line, "proxy.listen_addr %s", msg)
 	}
-	cfg.ListenAddr = addr.str
-	up := t.keys["upstream_url"]
 	u, msg := checkUpstream(up.str)
 	if msg != "" {
-		return p.errorAt(up.line, "proxy.upstream_url %s", msg)
+		return nil, p.errorAt(up.line, "proxy.upstream_url %s", msg)
 	}
-	cfg.Upstream = u
-	secs, err := p.intKey(t, "timeout_secs", defaultTimeoutSecs, maxTimeoutSecs, " (24 hours)")
-	if err != nil {
-		return err
+	secs, err1 := p.intKey(t, "timeout_secs", defaultTimeoutSecs, maxTimeoutSecs, " (24 hours)")
+	conns, err2 := p.intKey(t, "max_connections", defaultMaxConnections, maxMaxConnections, "")
+	body, err3 := p.intKey(t, "max_body_bytes", defaultMaxBodyBytes, maxMaxBodyBytes, " (64 MiB)")
+	if err := cmp.Or(err1, err2, err3); err != nil {
+		return nil, err
 	}
-	cfg.Timeout = time.Duration(secs) * time.Second
-	conns, err := p.intKey(t, "max_connections", defaultMaxConnections, maxMaxConnections, "")
-	if err != nil {
-		return err
-	}
-	cfg.MaxConnections = int(conns)
-	cfg.MaxBodyBytes, err = p.intKey(t, "max_body_bytes", defaultMaxBodyBytes, maxMaxBodyBytes, " (64 MiB)")
-	return err
+	return &Config{ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(secs) * time.Second,
+		MaxConnections: int(conns), MaxBodyBytes: body}, nil
 }
 
 // intKey returns the integer key of t, def when absent, checking that it is
 // in 1..limit; note explains limit in the message.
 func (p *parser) intKey(t *table, key string, def, limit int64, note string) (int64, error) {
-	e, ok := t.keys[key]
+	v, ok := t.keys[key]
 	switch {
 	case !ok:
 		return def, nil
-	case e.num <= 0:
-		return 0, p.errorAt(e.line, "%s.%s must be greater than 0, got %s", t.name, key, e.text)
-	case e.num > limit:
-		return 0, p.errorAt(e.line, "%s.%s must be at most %d%s, got %s", t.name, key, limit, note, e.text)
+	case v.num <= 0:
+		return 0, p.errorAt(v.line, "%s.%s must be greater than 0, got %s", t.name, key, cut(v.str, maxShown))
+	case v.num > limit:
+		return 0, p.errorAt(v.line, "%s.%s must be at most %d%s, got %s", t.name, key, limit, note, cut(v.str, maxShown))
 	}
-	return e.num, nil
+	return v.num, nil
 }
 
 // checkListenAddr checks addr is host:port with a numeric port in 0..65535
@@ -840,17 +578,12 @@ func checkListenAddr(addr string) string {
 	if _, err := strconv.ParseUint(port, 10, 16); err != nil { // no sign, no "_", no service names
 		return fmt.Sprintf("port must be a number from 0 to 65535, got %s", quote(port))
 	}
-	if _, err := netip.ParseAddr(host); err != nil && host != "" && !isHostName(host) {
+	// A host name needs only the characters of a DNS name: letters, digits, '-', '.'.
+	isName := strings.Trim(host, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.") == "" && strings.Trim(host, ".") != ""
+	if _, err := netip.ParseAddr(host); err != nil && host != "" && !isName {
 		return fmt.Sprintf("host must be an IP address or a host name, got %s", quote(host))
 	}
 	return ""
-}
-
-// isHostName reports whether s is made of the characters of a DNS name
-// (letters, digits, '-', '.'), which is all a listen address needs.
-func isHostName(s string) bool {
-	return strings.Trim(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.") == "" &&
-		strings.Trim(s, ".") != ""
 }
 
 // checkUpstream parses raw as the upstream URL: http or https, with a host,
@@ -893,93 +626,55 @@ func checkUpstream(raw string) (*url.URL, string) {
 // redactURL replaces the user information of raw, if any, with "REDACTED",
 // so that a message never repeats a password.
 func redactURL(raw string) string {
-	scheme, rest, ok := strings.Cut(raw, "//")
-	if !ok {
-		return raw
+	scheme, rest, _ := strings.Cut(raw, "//") // rest is "" when raw has no "//"
+	end := strings.IndexAny(rest, "/?#")      // the authority ends at the path, query or fragment
+	if end < 0 {
+		end = len(rest)
 	}
-	authority := rest
-	if i := strings.IndexAny(rest, "/?#"); i >= 0 {
-		authority = rest[:i]
+	if at := strings.LastIndex(rest[:end], "@"); at >= 0 {
+		return scheme + "//REDACTED" + rest[at:]
 	}
-	at := strings.LastIndex(authority, "@")
-	if at < 0 {
-		return raw
-	}
-	return scheme + "//REDACTED" + rest[at:]
+	return raw
 }
 
-// buildHeaders fills cfg.Headers from the [[headers]] entries, in file
-// order, refusing two entries for the same header.
-func (p *parser) buildHeaders(cfg *Config) error {
-	seen := make(map[string]int) // lower-case name -> line of its name key
-	for _, t := range p.headers {
-		rule, err := p.buildHeader(t)
-		if err != nil {
-			return err
-		}
-		lower := strings.ToLower(rule.Name)
-		line := t.keys["name"].line
-		if first, dup := seen[lower]; dup {
-			return p.errorAt(line, "duplicate header %s, already configured on line %d (header names are case-insensitive)", quote(rule.Name), first)
-		}
-		seen[lower] = line
-		cfg.Headers = append(cfg.Headers, rule)
-	}
-	return nil
-}
-
-// buildHeader checks one [[headers]] entry and returns its rule.
+// buildHeader checks one [[headers]] entry and returns its rule: remove
+// takes no value; set and append need one that Go's HTTP transport will
+// send. Messages never show the value, which may hold a token.
 func (p *parser) buildHeader(t *table) (HeaderRule, error) {
-	name, ok := t.keys["name"]
-	if !ok {
-		return HeaderRule{}, p.errorAt(t.line, "[[headers]] entry has no name, expected name = \"header-name\"")
-	}
-	if !isToken(name.str) {
-		return HeaderRule{}, p.errorAt(name.line, "headers.name must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %s", quote(name.str))
-	}
-	if why := refusedHeader(strings.ToLower(name.str)); why != "" {
-		return HeaderRule{}, p.errorAt(name.line, "header %s cannot be configured: %s", quote(name.str), why)
-	}
-	rule := HeaderRule{Name: name.str, Line: t.line}
-	if m, ok := t.keys["mode"]; ok {
-		if rule.Mode, ok = parseHeaderMode(m.str); !ok {
-			return HeaderRule{}, p.errorAt(m.line, "headers.mode must be one of set, append, remove, got %s", quote(m.str))
-		}
-	}
+	name, hasName := t.keys["name"]
 	v, hasValue := t.keys["value"]
-	if err := p.checkHeaderValue(t, rule, v, hasValue); err != nil {
-		return HeaderRule{}, err
-	}
-	rule.Value = v.str
-	return rule, nil
-}
-
-// checkHeaderValue checks the value of entry t against its mode: remove
-// takes none; set and append need one that Go's HTTP transport will send.
-// Messages never show the value, which may hold a token.
-func (p *parser) checkHeaderValue(t *table, rule HeaderRule, v entry, hasValue bool) error {
+	m, hasMode := t.keys["mode"]
+	mode := slices.Index(headerModeNames[:], m.str) // -1 when absent or unknown
+	rule := HeaderRule{Name: name.str, Value: v.str, Mode: HeaderMode(max(mode, 0)), Line: t.line}
+	why := refusedHeader(strings.ToLower(name.str))
+	ctl := strings.IndexFunc(v.str, isControl) // a control character is one byte
+	var err error
 	switch {
+	case !hasName:
+		err = p.errorAt(t.line, "[[headers]] entry has no name, expected name = \"header-name\"")
+	case !isToken(name.str):
+		err = p.errorAt(name.line, "headers.name must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %s", quote(name.str))
+	case why != "":
+		err = p.errorAt(name.line, "header %s cannot be configured: %s", quote(name.str), why)
+	case hasMode && mode < 0:
+		err = p.errorAt(m.line, "headers.mode must be one of set, append, remove, got %s", quote(m.str))
 	case rule.Mode == HeaderRemove && hasValue:
-		return p.errorAt(v.line, "headers.value must be absent when mode is \"remove\" (header %s is deleted, not given a value)", quote(rule.Name))
-	case rule.Mode == HeaderRemove:
-		return nil
+		err = p.errorAt(v.line, "headers.value must be absent when mode is \"remove\" (header %s is deleted, not given a value)", quote(rule.Name))
+	case rule.Mode == HeaderRemove: // no value to check
 	case !hasValue:
-		return p.errorAt(t.line, "header %s has no value, expected value = \"...\" (mode %q needs one)", quote(rule.Name), rule.Mode)
+		err = p.errorAt(t.line, "header %s has no value, expected value = \"...\" (mode %q needs one)", quote(rule.Name), rule.Mode)
 	case v.str == "":
-		return p.errorAt(v.line, "headers.value must not be empty for mode %q (use mode = \"remove\" to delete header %s)", rule.Mode, quote(rule.Name))
+		err = p.errorAt(v.line, "headers.value must not be empty for mode %q (use mode = \"remove\" to delete header %s)", rule.Mode, quote(rule.Name))
 	case rule.Mode == HeaderAppend && strings.Trim(v.str, " \t,") == "":
-		return p.errorAt(v.line, "headers.value must hold at least one token for mode \"append\", got %s", quote(v.str))
+		err = p.errorAt(v.line, "headers.value must hold at least one token for mode \"append\", got %s", quote(v.str))
 	case strings.Trim(v.str, " \t") != v.str:
 		// RFC 9110 section 5.5: a field value has no leading or trailing
 		// whitespace; the upstream would see a value other than the one written.
-		return p.errorAt(v.line, "headers.value must not begin or end with a space or tab (HTTP strips them)")
+		err = p.errorAt(v.line, "headers.value must not begin or end with a space or tab (HTTP strips them)")
+	case ctl >= 0:
+		err = p.errorAt(v.line, "headers.value must not contain control characters other than tab, got %q at byte %d", rune(v.str[ctl]), ctl)
 	}
-	for i, r := range v.str {
-		if (r < 0x20 && r != '\t') || r == 0x7F {
-			return p.errorAt(v.line, "headers.value must not contain control characters other than tab, got %q at byte %d", r, i)
-		}
-	}
-	return nil
+	return rule, err
 }
 
 // isToken reports whether s is an HTTP token (RFC 9110 section 5.6.2), the
