@@ -166,6 +166,9 @@ const (
 // space after it so far.
 func (sc *objectScanner) complete() bool { return sc.state == scanDone }
 
+// bad reports whether the bytes fed so far are not one JSON object.
+func (sc *objectScanner) bad() bool { return sc.state == scanBad }
+
 // value returns the value whose end next reported last, raw, if it is
 // whole: a scalar of at most len(val) bytes, or a string, object or array
 // within next's limit; else nil and false. It stays valid until the next
