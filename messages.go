@@ -80,23 +80,69 @@ func streamRequested(body []byte) bool {
 	return sc.streaming()
 }
 
-// streamScanner finds the top-level "stream" key of a JSON object fed to it
-// in pieces, as the body arrives: nothing is copied, decoded or read twice.
-// Strings, the bulk of a Messages body, are skipped with bytes.IndexByte;
-// nested values by counting brackets. "stream" keys inside nested values
-// (message content, tool input) do not count. The zero value is ready.
+// streamScanner finds the top-level "stream" of a Messages request body fed
+// to it in pieces, as the body arrives (see objectScanner). The zero value
+// is ready.
 type streamScanner struct {
-	state  scanState
-	depth  int  // in scanNested: brackets open
-	inStr  bool // in scanNested: inside a string
-	esc    bool // inside a string: the next byte is escaped
-	key    [16]byte
-	keyLen int  // bytes of the key seen; beyond len(key) it is not "stream"
-	keyEsc bool // the key holds escapes: decoded at its end
-	isKey  bool // the key just read is "stream"
-	val    [5]byte
-	valLen int  // bytes of a top-level scalar seen
+	obj    objectScanner
 	stream bool // the last top-level "stream" was true
+}
+
+// streamKey is the key streamScanner looks for.
+var streamKey = []string{"stream"}
+
+// streaming reports whether the body fed so far asks for a stream: its
+// top-level "stream" is true (the last one wins, as in encoding/json), or
+// it is not one JSON object. Such a body keeps the short header timeout
+// and its retries; the API answers a malformed body with a quick 400.
+func (sc *streamScanner) streaming() bool {
+	return !sc.obj.complete() || sc.stream
+}
+
+// write feeds the next piece of the body.
+func (sc *streamScanner) write(p []byte) {
+	for len(p) > 0 {
+		// Nothing is captured but scalars: a string, object or array is
+		// not true.
+		n, k := sc.obj.next(p, streamKey, 0)
+		p = p[n:]
+		if k >= 0 {
+			v, whole := sc.obj.value()
+			sc.stream = whole && string(v) == "true"
+		}
+	}
+}
+
+// maxSoughtKey is the longest key, in bytes, objectScanner can look for.
+const maxSoughtKey = 8
+
+// objectScanner finds chosen keys at the top level of a JSON object fed to
+// it in pieces, as the body arrives, and captures their values, raw:
+// nothing else is copied, decoded or read twice. Strings, the bulk of a
+// Messages body, are skipped with bytes.IndexByte; nested values by
+// counting brackets. Keys inside nested values (message content, tool
+// input) do not count. Of the JSON grammar it checks the top level only:
+// every JSON object passes, and a body that fails is not one. The zero value
+// is ready.
+type objectScanner struct {
+	state scanState
+	depth int  // in scanNested: brackets open
+	inStr bool // in scanNested: inside a string
+	esc   bool // inside a string: the next byte is escaped
+	// key holds the key being read, its closing quote included, as far as
+	// it can spell a sought key: 6 bytes a character if written in \u
+	// escapes, as in "\u0073\u0074\u0072\u0065\u0061\u006d".
+	key    [6*maxSoughtKey + 1]byte
+	keyLen int  // bytes of the key seen; beyond len(key) it is not sought
+	keyEsc bool // the key holds escapes: decoded at its end
+	found  int  // 1 + the index of the sought key just read; 0 for another
+
+	// The value of a sought key.
+	scalar bool    // it is a number, true, false or null, held in val
+	val    [5]byte // a scalar's bytes: enough for true, false and null
+	valLen int
+	buf    []byte // a string's, object's or array's bytes
+	over   bool   // it is longer than the capture allows
 }
 
 type scanState uint8
@@ -116,16 +162,35 @@ const (
 	scanBad                       // not one JSON object
 )
 
-// streaming reports whether the body fed so far asks for a stream: its
-// top-level "stream" is true (the last one wins, as in encoding/json), or
-// it is not one JSON object. Such a body keeps the short header timeout
-// and its retries; the API answers a malformed body with a quick 400.
-func (sc *streamScanner) streaming() bool {
-	return sc.state != scanDone || sc.stream
+// complete reports whether the object has ended, with nothing but white
+// space after it so far.
+func (sc *objectScanner) complete() bool { return sc.state == scanDone }
+
+// bad reports whether the bytes fed so far are not one JSON object.
+func (sc *objectScanner) bad() bool { return sc.state == scanBad }
+
+// value returns the value whose end next reported last, raw, if it is
+// whole: a scalar of at most len(val) bytes, or a string, object or array
+// within next's limit; else nil and false. It stays valid until the next
+// call of next.
+func (sc *objectScanner) value() ([]byte, bool) {
+	switch {
+	case sc.over:
+		return nil, false
+	case sc.scalar:
+		return sc.val[:sc.valLen], true
+	}
+	return sc.buf, true
 }
 
-// write feeds the next piece of the body.
-func (sc *streamScanner) write(p []byte) {
+// next reads p until the value of one of keys ends, or to its end. It
+// returns the number of bytes read and the index in keys of the key whose
+// value just ended (value returns it), or -1. Strings, objects and arrays
+// are captured up to limit bytes. keys are escape-free and at most
+// maxSoughtKey bytes long; each call passes the same ones. Only the value
+// of a sought key stops the scan, so a caller feeding a body in pieces
+// calls next again on the rest of p.
+func (sc *objectScanner) next(p []byte, keys []string, limit int) (int, int) {
 	for i := 0; i < len(p); {
 		c := p[i]
 		switch sc.state {
@@ -135,6 +200,9 @@ func (sc *streamScanner) write(p []byte) {
 				continue
 			}
 			sc.punct(c)
+			if sc.found > 0 && (sc.state == scanString || sc.state == scanNested) {
+				sc.capture(p[i:i+1], limit) // the opening quote or bracket
+			}
 			i++
 		case scanKey:
 			start := i
@@ -142,42 +210,55 @@ func (sc *streamScanner) write(p []byte) {
 			sc.addKey(p[start:end])
 			i = end
 			if closed {
-				sc.endKey()
+				sc.endKey(keys)
 				sc.state = scanColon
 			}
 		case scanString:
+			start := i
 			end, closed := sc.skipString(p, i)
 			i = end
+			if sc.found > 0 {
+				sc.capture(p[start:end], limit)
+			}
 			if closed {
 				sc.state = scanNext
+				if sc.found > 0 {
+					return i, sc.found - 1
+				}
 			}
 		case scanNested:
+			start := i
 			i = sc.skipNested(p, i)
+			if sc.found > 0 {
+				sc.capture(p[start:i], limit)
+				if sc.state == scanNext {
+					return i, sc.found - 1
+				}
+			}
 		case scanScalar:
 			if !isScalarByte(c) {
-				if sc.isKey {
-					sc.stream = string(sc.val[:sc.valLen]) == "true"
-				}
 				sc.state = scanNext // c is read again in that state
+				if sc.found > 0 {
+					return i, sc.found - 1
+				}
 				continue
 			}
 			if sc.valLen < len(sc.val) {
 				sc.val[sc.valLen] = c
-			}
-			sc.valLen++ // beyond len(val) it is not "true"
-			if sc.valLen > len(sc.val) {
-				sc.valLen = len(sc.val)
-				sc.val[0] = 0
+				sc.valLen++
+			} else {
+				sc.over = true
 			}
 			i++
 		case scanBad:
-			return
+			return len(p), -1
 		}
 	}
+	return len(p), -1
 }
 
 // punct moves on at a structural byte c outside strings and values.
-func (sc *streamScanner) punct(c byte) {
+func (sc *objectScanner) punct(c byte) {
 	next := scanBad
 	switch {
 	case sc.state == scanBegin && c == '{':
@@ -193,28 +274,39 @@ func (sc *streamScanner) punct(c byte) {
 		next = scanKeyStart
 	case sc.state == scanValue && c == '"':
 		sc.esc = false
-		sc.setStream(false)
+		sc.startValue(false)
 		next = scanString
 	case sc.state == scanValue && (c == '{' || c == '['):
 		sc.depth, sc.inStr, sc.esc = 1, false, false
-		sc.setStream(false)
+		sc.startValue(false)
 		next = scanNested
 	case sc.state == scanValue && isScalarByte(c):
+		sc.startValue(true)
 		sc.val[0], sc.valLen = c, 1
 		next = scanScalar
 	}
 	sc.state = next
 }
 
-// setStream records v as the value of the current key if it is "stream".
-func (sc *streamScanner) setStream(v bool) {
-	if sc.isKey {
-		sc.stream = v
-	}
+// startValue forgets the value captured last.
+func (sc *objectScanner) startValue(scalar bool) {
+	sc.scalar, sc.over = scalar, false
+	sc.buf = sc.buf[:0]
 }
 
-// addKey collects the bytes of a key, as far as they can spell "stream".
-func (sc *streamScanner) addKey(b []byte) {
+// capture appends b to the value being captured, unless that makes it
+// longer than limit: then it is not whole, and nothing more is kept.
+func (sc *objectScanner) capture(b []byte, limit int) {
+	if sc.over || len(sc.buf)+len(b) > limit {
+		sc.over = true
+		return
+	}
+	sc.buf = append(sc.buf, b...)
+}
+
+// addKey collects the bytes of a key, as far as they can spell a sought
+// key.
+func (sc *objectScanner) addKey(b []byte) {
 	if bytes.IndexByte(b, '\\') >= 0 {
 		sc.keyEsc = true
 	}
@@ -224,30 +316,42 @@ func (sc *streamScanner) addKey(b []byte) {
 	sc.keyLen += len(b)
 }
 
-// endKey decides whether the key just read, its closing quote included in
-// the bytes collected, is "stream".
-func (sc *streamScanner) endKey() {
-	sc.isKey = false
+// endKey decides which of keys, if any, is the key just read, its closing
+// quote included in the bytes collected.
+func (sc *objectScanner) endKey(keys []string) {
+	sc.found = 0
 	if sc.keyLen > len(sc.key) {
-		return // longer than any spelling of "stream" that matters here
+		return // longer than any spelling of a sought key
 	}
-	k := sc.key[:sc.keyLen-1] // without the closing quote
 	if !sc.keyEsc {
-		sc.isKey = string(k) == "stream"
+		k := sc.key[:sc.keyLen-1] // without the closing quote
+		for i, s := range keys {
+			if string(k) == s {
+				sc.found = i + 1
+				return
+			}
+		}
 		return
 	}
-	var quoted [len(streamScanner{}.key) + 2]byte
+	var quoted [len(objectScanner{}.key) + 1]byte
 	quoted[0] = '"'
-	n := copy(quoted[1:], k)
-	quoted[n+1] = '"'
+	n := copy(quoted[1:], sc.key[:sc.keyLen])
 	var s string // written with escapes, such as "str\u0065am": rare
-	sc.isKey = json.Unmarshal(quoted[:n+2], &s) == nil && s == "stream"
+	if json.Unmarshal(quoted[:n+1], &s) != nil {
+		return
+	}
+	for i, k := range keys {
+		if s == k {
+			sc.found = i + 1
+			return
+		}
+	}
 }
 
 // skipString moves through a string from p[i], whose opening quote has
 // been read, and returns the index after the bytes consumed and whether
 // the closing quote was among them.
-func (sc *streamScanner) skipString(p []byte, i int) (int, bool) {
+func (sc *objectScanner) skipString(p []byte, i int) (int, bool) {
 	for i < len(p) {
 		if sc.esc {
 			sc.esc = false
@@ -283,7 +387,7 @@ func trailingBackslashes(b []byte) int {
 
 // skipNested moves through a nested value from p[i] and returns the index
 // after the bytes consumed; the state becomes scanNext at its end.
-func (sc *streamScanner) skipNested(p []byte, i int) int {
+func (sc *objectScanner) skipNested(p []byte, i int) int {
 	for i < len(p) {
 		if sc.inStr {
 			end, closed := sc.skipString(p, i)

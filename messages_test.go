@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 // streamCases are Messages request bodies and whether the proxy must treat
@@ -31,6 +33,7 @@ var streamCases = []struct {
 	{"escaped quote then stream text", `{"a":"\",\"stream\":true,\"b\":\"","c":1}`, false},
 	{"key written with escapes", `{"str\u0065am":true}`, true},
 	{"other key with escapes", `{"a\u0062":true,"stream":true}`, true},
+	{"key written wholly in escapes", `{"\u0073\u0074\u0072\u0065\u0061\u006d":true}`, true},
 	{"last duplicate wins, false", `{"stream":true,"stream":false}`, false},
 	{"last duplicate wins, true", `{"stream":false,"stream":true}`, true},
 	{"stream as a string", `{"stream":"true"}`, false},
@@ -74,6 +77,85 @@ func TestStreamRequested(t *testing.T) {
 			}
 			if got := sc.streaming(); got != tt.stream {
 				t.Errorf("fed byte by byte: streaming() = %v; want %v", got, tt.stream)
+			}
+		})
+	}
+}
+
+// scannedValue is a value objectScanner reported: the index of its key,
+// its raw bytes and whether they are whole.
+type scannedValue struct {
+	Key   int
+	Raw   string
+	Whole bool
+}
+
+// scanValues feeds body to an objectScanner in pieces cut at cuts (byte
+// offsets, ascending) and returns the values it reported.
+func scanValues(body string, keys []string, limit int, cuts ...int) []scannedValue {
+	var sc objectScanner
+	var got []scannedValue
+	prev := 0
+	for _, c := range append(cuts, len(body)) {
+		p := []byte(body[prev:c])
+		prev = c
+		for len(p) > 0 {
+			n, k := sc.next(p, keys, limit)
+			p = p[n:]
+			if k >= 0 {
+				v, whole := sc.value()
+				got = append(got, scannedValue{k, string(v), whole})
+			}
+		}
+	}
+	return got
+}
+
+func TestObjectScannerValues(t *testing.T) {
+	keys := []string{"model", "usage"}
+	const limit = 16
+	tests := []struct {
+		name string
+		body string
+		want []scannedValue
+	}{
+		{"string and object", `{"model":"a\"b","usage":{"x":[1,"}"]},"n":1}`,
+			[]scannedValue{{0, `"a\"b"`, true}, {1, `{"x":[1,"}"]}`, true}}},
+		{"array", `{"usage":[1, [2], {}]}`, []scannedValue{{1, `[1, [2], {}]`, true}}},
+		{"scalars", `{"usage":null,"model":12345}`, []scannedValue{{1, `null`, true}, {0, `12345`, true}}},
+		{"white space around values", "{ \"model\" :\t\"m\" \n, \"usage\" : false }",
+			[]scannedValue{{0, `"m"`, true}, {1, `false`, true}}},
+		{"at the limit", `{"model":"0123456789abcd"}`, []scannedValue{{0, `"0123456789abcd"`, true}}},
+		{"string beyond the limit", `{"model":"0123456789abcde","usage":{}}`,
+			[]scannedValue{{0, ``, false}, {1, `{}`, true}}},
+		{"object beyond the limit", `{"usage":{"input_tokens":1}}`, []scannedValue{{1, ``, false}}},
+		{"scalar beyond five bytes", `{"usage":123456}`, []scannedValue{{1, ``, false}}},
+		{"duplicates, each reported", `{"model":"a","model":"b"}`, []scannedValue{{0, `"a"`, true}, {0, `"b"`, true}}},
+		{"keys written with escapes", `{"mod\u0065l":"a","\u0075\u0073\u0061\u0067\u0065":1}`,
+			[]scannedValue{{0, `"a"`, true}, {1, `1`, true}}},
+		{"nested keys do not count", `{"content":[{"model":"x","usage":{}}],"meta":{"model":"y"}}`, nil},
+		{"keys inside strings do not count", `{"text":"\",\"model\":\"x"}`, nil},
+		{"not an object", `["model","x"]`, nil},
+		{"value cut off", `{"model":"abc`, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// The body arrives whole, cut in two at every byte, and byte by
+			// byte.
+			if diff := cmp.Diff(tt.want, scanValues(tt.body, keys, limit)); diff != "" {
+				t.Errorf("values of %q (-want +got):\n%s", tt.body, diff)
+			}
+			for i := range len(tt.body) + 1 {
+				if diff := cmp.Diff(tt.want, scanValues(tt.body, keys, limit, i)); diff != "" {
+					t.Errorf("values of %q + %q (-want +got):\n%s", tt.body[:i], tt.body[i:], diff)
+				}
+			}
+			var every []int
+			for i := range len(tt.body) {
+				every = append(every, i)
+			}
+			if diff := cmp.Diff(tt.want, scanValues(tt.body, keys, limit, every...)); diff != "" {
+				t.Errorf("values of %q byte by byte (-want +got):\n%s", tt.body, diff)
 			}
 		})
 	}
