@@ -114,6 +114,7 @@ type process struct {
 	events   chan Event // events the process raises itself
 	serveErr chan error // the listener's failure
 	exitCode int
+	state    State
 }
 
 // run walks the machine from Initializing to Stopped and returns the exit
@@ -122,27 +123,25 @@ func (p *process) run(ctx context.Context) int {
 	p.events = make(chan Event, 2)
 	p.serveErr = make(chan error, 1)
 	p.events <- ConfigLoaded
-	state := Initializing
+	p.state = Initializing
 	for {
 		var e Event
 		select {
 		case e = <-p.events:
-		case sig := <-p.sigs:
-			p.log.Info("shutdown signal", "signal", sig.String(), "state", state.String())
-			e = ShutdownSignal
-		case <-ctx.Done():
-			p.log.Info("shutdown requested", "state", state.String())
-			ctx = context.Background() // once
-			e = ShutdownSignal
-		case err := <-p.serveErr:
-			p.log.Error("listener failed: "+err.Error(), "listen_addr", p.cfg.ListenAddr)
-			p.exitCode = 1
-			e = ShutdownSignal
+			// The process's own events first: ListenerReady, raised
+			// before a signal that is also waiting, must not lose a
+			// random draw to it, or the signal would stop the process
+			// without a drain.
+		default:
+			e = p.wait(ctx)
 		}
-		next, action := handleEvent(state, e)
-		p.log.Debug("state", "from", state.String(), "event", e.String(), "to", next.String(), "action", action.String())
-		prev := state
-		state = next
+		if e == ShutdownSignal && ctx.Err() != nil {
+			ctx = context.Background() // cancelling ctx acts once
+		}
+		next, action := handleEvent(p.state, e)
+		p.log.Debug("state", "from", p.state.String(), "event", e.String(), "to", next.String(), "action", action.String())
+		prev := p.state
+		p.state = next
 		switch {
 		case action == StartListener:
 			if !p.start() {
@@ -152,10 +151,27 @@ func (p *process) run(ctx context.Context) int {
 		case action == Shutdown:
 			p.stop(e)
 			return p.exitCode
-		case state == Draining && prev != Draining:
+		case p.state == Draining && prev != Draining:
 			p.drain()
 		}
 	}
+}
+
+// wait returns the next event: a signal, ctx cancelled, the listener's
+// failure, or one the process raised itself.
+func (p *process) wait(ctx context.Context) Event {
+	select {
+	case e := <-p.events:
+		return e
+	case sig := <-p.sigs:
+		p.log.Info("shutdown signal", "signal", sig.String(), "state", p.state.String())
+	case <-ctx.Done():
+		p.log.Info("shutdown requested", "state", p.state.String())
+	case err := <-p.serveErr:
+		p.log.Error("listener failed: "+err.Error(), "listen_addr", p.cfg.ListenAddr)
+		p.exitCode = 1
+	}
+	return ShutdownSignal
 }
 
 // start binds the listen address and serves on it.

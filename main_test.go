@@ -6,12 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -305,6 +307,37 @@ func TestRunDrainsInFlightRequests(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `"event":"Drained"`) {
 		t.Errorf("log does not say Drained:\n%s", logs.String())
+	}
+}
+
+// TestSignalAtStartupStillDrains: a signal already waiting when the
+// listener comes up is taken after ListenerReady, never instead of it, so
+// the process drains (Running → Draining) rather than stopping from
+// Starting. Before the process's own events came first, each run was a
+// coin toss.
+func TestSignalAtStartupStillDrains(t *testing.T) {
+	cfg, err := parseConfig("proxy.toml", []byte(validConfig("http://127.0.0.1:9")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		sigs := make(chan os.Signal, 1)
+		sigs <- syscall.SIGTERM
+		logs := newLogBuffer()
+		log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		p := &process{cfg: cfg, path: "proxy.toml", log: log, tun: testTuning, sigs: sigs}
+		if code := p.run(t.Context()); code != 0 {
+			t.Fatalf("run %d: exit %d; want 0", i, code)
+		}
+		var path []string
+		for _, l := range logs.lines(t) {
+			if l["msg"] == "state" {
+				path = append(path, l["to"].(string))
+			}
+		}
+		if want := []string{"Starting", "Running", "Draining", "Stopped"}; !slices.Equal(path, want) {
+			t.Fatalf("run %d: states %v; want %v", i, path, want)
+		}
 	}
 }
 
