@@ -39,6 +39,9 @@ var benchBody = func() []byte {
 	return append(b, tail...)
 }()
 
+// benchStreamBody is benchBody asking for a streamed response.
+var benchStreamBody = bytes.Replace(benchBody, []byte(`"max_tokens":1024,`), []byte(`"max_tokens":1024,"stream":true,`), 1)
+
 // benchReply is the upstream's answer to benchBody, about 400 bytes.
 var benchReply = []byte(`{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant",` +
 	`"model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello! How can I help you today?"}],` +
@@ -69,13 +72,17 @@ func startBenchProxy(b *testing.B, cfg *Config) string {
 	return "http://" + ln.Addr().String()
 }
 
-// benchUpstream answers POST with benchReply and GET /sse with n events,
-// each flushed on its own.
+// benchUpstream answers POST with benchReply, a POST asking for a stream
+// with a Messages event stream of n text deltas, and GET with n deltas
+// alone; each event is flushed on its own.
 func benchUpstream(b *testing.B, events int) *httptest.Server {
 	b.Helper()
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var body []byte
 		if r.Method == http.MethodPost {
-			io.Copy(io.Discard, r.Body)
+			body, _ = io.ReadAll(r.Body)
+		}
+		if r.Method == http.MethodPost && !bytes.Contains(body, []byte(`"stream":true`)) {
 			w.Header().Set("Content-Type", "application/json")
 			w.Header().Set("Request-Id", "req_011CTestUpstream")
 			w.Header().Set("Content-Length", strconv.Itoa(len(benchReply)))
@@ -85,6 +92,11 @@ func benchUpstream(b *testing.B, events int) *httptest.Server {
 		w.Header().Set("Content-Type", "text/event-stream")
 		w.Header().Set("Cache-Control", "no-cache")
 		rc := http.NewResponseController(w)
+		messages := r.Method == http.MethodPost
+		if messages {
+			io.WriteString(w, benchMessageStart)
+			rc.Flush()
+		}
 		var line []byte
 		for i := range events {
 			line = append(line[:0], `event: content_block_delta`+"\n"+`data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"token `...)
@@ -95,10 +107,26 @@ func benchUpstream(b *testing.B, events int) *httptest.Server {
 			}
 			rc.Flush()
 		}
+		if messages {
+			io.WriteString(w, benchMessageDelta)
+			rc.Flush()
+			io.WriteString(w, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+		}
 	}))
 	b.Cleanup(up.Close)
 	return up
 }
+
+// The first and last events of a streamed Messages response but
+// message_stop, as the API sends them.
+const (
+	benchMessageStart = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_01XFDUDYJgAACzvnptvVoYEL\"," +
+		"\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5-20250929\",\"content\":[],\"stop_reason\":null," +
+		"\"stop_sequence\":null,\"usage\":{\"input_tokens\":12,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":0," +
+		"\"output_tokens\":1,\"service_tier\":\"standard\"}}}\n\n"
+	benchMessageDelta = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"," +
+		"\"stop_sequence\":null},\"usage\":{\"output_tokens\":100}}\n\n"
+)
 
 // benchClient is a keep-alive client that never decompresses.
 func benchClient(b *testing.B) *http.Client {
@@ -180,6 +208,41 @@ func BenchmarkProxySSE100(b *testing.B) {
 		}
 		if err := sc.Err(); err != nil || n != events {
 			b.Fatalf("GET %s: %d events, %v; want %d", url, n, err, events)
+		}
+		return size
+	}
+	b.SetBytes(stream())
+	b.ReportAllocs()
+	for b.Loop() {
+		stream()
+	}
+}
+
+// BenchmarkProxyMessagesSSE100 is one streamed Messages call: a POST
+// asking for a stream, answered with message_start, 100 text deltas,
+// message_delta and message_stop, read to the end by the client. Unlike
+// BenchmarkProxySSE100, the proxy reads its token usage on the way.
+func BenchmarkProxyMessagesSSE100(b *testing.B) {
+	const events = 100
+	up := benchUpstream(b, events)
+	url := startBenchProxy(b, testConfig(b, up.URL)) + "/v1/messages"
+	c := benchClient(b)
+	stream := func() int64 {
+		res, err := c.Post(url, "application/json", bytes.NewReader(benchStreamBody))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer res.Body.Close()
+		sc := bufio.NewScanner(res.Body)
+		var n, size int64
+		for sc.Scan() {
+			size += int64(len(sc.Bytes())) + 1
+			if bytes.HasPrefix(sc.Bytes(), []byte("data: ")) {
+				n++
+			}
+		}
+		if err := sc.Err(); err != nil || n != events+3 {
+			b.Fatalf("POST %s: %d events, %v; want %d", url, n, err, events+3)
 		}
 		return size
 	}

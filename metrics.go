@@ -192,6 +192,8 @@ type metrics struct {
 	bodyBudget  atomic.Int64               // proxy_body_budget_bytes_in_use
 	clientConns atomic.Int64               // proxy_client_connections
 	refused     [numRefusals]atomic.Uint64 // proxy_refused_total{reason}
+	plan        *plan                      // the anthropic_* families
+	process     processMetrics             // the go_* and process_* families
 	// bufs holds *bytes.Buffer for ServeHTTP: scrapes repeat every few
 	// seconds, and the output size is bounded (1.4 MB if all 9,000 series exist).
 	bufs sync.Pool
@@ -199,7 +201,7 @@ type metrics struct {
 
 // newMetrics returns empty metrics.
 func newMetrics() *metrics {
-	m := &metrics{}
+	m := &metrics{plan: newPlan(), process: newProcessMetrics()}
 	m.bufs.New = func() any { return new(bytes.Buffer) }
 	return m
 }
@@ -296,6 +298,9 @@ const (
 // Each value is read once, without locks; a histogram's count is the sum of
 // its buckets as read, so its +Inf bucket always equals _count.
 func (m *metrics) writePrometheus(b *bytes.Buffer) {
+	m.plan.writePrometheus(b) // anthropic_* < go_* < process_* < proxy_*
+	m.process.writeGo(b)
+	m.process.writeProcess(b)
 	writeFamilyHeader(b, budgetName, budgetHelp, "gauge")
 	writeSample(b, budgetName, "", "", m.bodyBudget.Load())
 	writeFamilyHeader(b, connsName, connsHelp, "gauge")

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -60,10 +61,91 @@ func goldenObservations(m *metrics) {
 	m.waiting[waitSlot].Store(2)
 	m.bodyBudget.Store(1 << 20)
 	m.clientConns.Store(7)
+
+	// Plan usage: a Claude Max organization whose 5-hour window went from
+	// allowed to allowed_warning, and whose weekly one is overdrawn; an
+	// API-key organization with per-resource limits; a malformed value.
+	for _, kv := range [][]string{
+		{"Anthropic-Organization-Id", "4b1c2a9e-0d57-4e0f-9c1b-2f6a3e8d7c10",
+			"Anthropic-Ratelimit-Unified-Status", "allowed",
+			"Anthropic-Ratelimit-Unified-Representative-Claim", "seven_day",
+			"Anthropic-Ratelimit-Unified-5h-Utilization", "0.5"},
+		{"Anthropic-Organization-Id", "4b1c2a9e-0d57-4e0f-9c1b-2f6a3e8d7c10",
+			"Anthropic-Ratelimit-Unified-Status", "allowed_warning",
+			"Anthropic-Ratelimit-Unified-Representative-Claim", "five_hour",
+			"Anthropic-Ratelimit-Unified-5h-Utilization", "0.92",
+			"Anthropic-Ratelimit-Unified-5h-Reset", "1764500400",
+			"Anthropic-Ratelimit-Unified-7d-Utilization", "1.05",
+			"Anthropic-Ratelimit-Unified-7d-Reset", "1764900000",
+			"Anthropic-Ratelimit-Unified-7d_opus-Utilization", "NaN"},
+		{"Anthropic-Organization-Id", "0a8f",
+			"Anthropic-Ratelimit-Requests-Limit", "50",
+			"Anthropic-Ratelimit-Requests-Remaining", "49",
+			"Anthropic-Ratelimit-Input-Tokens-Limit", "30000",
+			"Anthropic-Ratelimit-Input-Tokens-Remaining", "29000"},
+	} {
+		h := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			h.Set(kv[i], kv[i+1])
+		}
+		m.plan.rateLimits(h)
+	}
+	all := [numTokenTypes]bool{true, true, true, true}
+	m.plan.addTokens("4b1c2a9e-0d57-4e0f-9c1b-2f6a3e8d7c10", "claude-sonnet-4-5-20250929", [numTokenTypes]int64{25, 15, 100, 0}, all)
+	m.plan.addTokens("4b1c2a9e-0d57-4e0f-9c1b-2f6a3e8d7c10", "claude-sonnet-4-5-20250929", [numTokenTypes]int64{5, 1, 0, 2000}, all)
+	m.plan.addTokens("", "claude-haiku-4-5", [numTokenTypes]int64{7, 3}, [numTokenTypes]bool{true, true})
+	m.plan.skipped[skipEncoding].Add(1)
+}
+
+// newFixedMetrics returns new metrics whose process gauges do not change
+// between scrapes: a start time of 2025-11-30T00:00:00.25Z, no resident
+// memory sample, a memory limit of 110 MiB. TestProcessMetrics checks the
+// real ones.
+func newFixedMetrics() *metrics {
+	m := newMetrics()
+	m.process = processMetrics{
+		start:    time.Date(2025, 11, 30, 0, 0, 0, 250e6, time.UTC),
+		memLimit: func() int64 { return 110 << 20 },
+	}
+	return m
+}
+
+// TestProcessMetrics reads the real process gauges: the resident memory
+// /proc reports (where there is a /proc), the start time, the memory limit.
+func TestProcessMetrics(t *testing.T) {
+	before := time.Now()
+	m := newMetrics()
+	var b bytes.Buffer
+	m.writePrometheus(&b)
+	text := b.String()
+	start, err := strconv.ParseFloat(metricValue(text, "process_start_time_seconds"), 64)
+	if err != nil || start < float64(before.Unix()) || start > float64(time.Now().Unix()+1) {
+		t.Errorf("process_start_time_seconds %q; want about %d", metricValue(text, "process_start_time_seconds"), before.Unix())
+	}
+	if got, want := metricValue(text, "go_gc_gomemlimit_bytes"), strconv.FormatInt(debug.SetMemoryLimit(-1), 10); got != want {
+		t.Errorf("go_gc_gomemlimit_bytes %s; want %s", got, want)
+	}
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		if got := metricValue(text, "process_resident_memory_bytes"); got != "" {
+			t.Errorf("process_resident_memory_bytes %s without /proc", got)
+		}
+		return
+	}
+	var vmRSS int64 // kB
+	for line := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			vmRSS, _ = strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	rss, err := strconv.ParseInt(metricValue(text, "process_resident_memory_bytes"), 10, 64)
+	if err != nil || vmRSS == 0 || rss < vmRSS<<10/2 || rss > vmRSS<<10*2 {
+		t.Errorf("process_resident_memory_bytes %d; /proc/self/status has VmRSS %d kB", rss, vmRSS)
+	}
 }
 
 func TestMetricsGolden(t *testing.T) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	goldenObservations(m)
 	var b bytes.Buffer
 	m.writePrometheus(&b)
@@ -94,7 +176,7 @@ func TestMetricsGolden(t *testing.T) {
 
 func TestMetricsStartup(t *testing.T) {
 	var b bytes.Buffer
-	newMetrics().writePrometheus(&b)
+	newFixedMetrics().writePrometheus(&b)
 	fams, err := parseExposition(b.String())
 	if err != nil {
 		t.Fatalf("startup output does not pass the exposition checker: %v\n%s", err, b.String())
@@ -109,6 +191,18 @@ func TestMetricsStartup(t *testing.T) {
 		refused.WriteString(`proxy_refused_total{reason="` + r + `"} 0` + "\n")
 	}
 	want := []fam{
+		{"anthropic_ratelimit_limit", "gauge", ""},
+		{"anthropic_ratelimit_remaining", "gauge", ""},
+		{"anthropic_ratelimit_unified_representative_claim", "gauge", ""},
+		{"anthropic_ratelimit_unified_reset_timestamp_seconds", "gauge", ""},
+		{"anthropic_ratelimit_unified_status", "gauge", ""},
+		{"anthropic_ratelimit_unified_utilization", "gauge", ""},
+		{"anthropic_tokens_total", "counter", ""},
+		{"anthropic_usage_parse_errors_total", "counter", "anthropic_usage_parse_errors_total 0\n"},
+		{"anthropic_usage_skipped_total", "counter", `anthropic_usage_skipped_total{reason="encoding"} 0` + "\n"},
+		{"go_gc_gomemlimit_bytes", "gauge", "go_gc_gomemlimit_bytes 115343360\n"},
+		{"process_resident_memory_bytes", "gauge", ""},
+		{"process_start_time_seconds", "gauge", "process_start_time_seconds 1764460800.25\n"},
 		{"proxy_body_budget_bytes_in_use", "gauge", "proxy_body_budget_bytes_in_use 0\n"},
 		{"proxy_client_connections", "gauge", "proxy_client_connections 0\n"},
 		{"proxy_refused_total", "counter", refused.String()},
@@ -135,7 +229,7 @@ func TestMetricsStartup(t *testing.T) {
 			t.Errorf("family %s has an empty HELP", f.name)
 		}
 	}
-	if m := newMetrics(); m.requestsServed() != 0 || m.errorsTotal() != 0 {
+	if m := newFixedMetrics(); m.requestsServed() != 0 || m.errorsTotal() != 0 {
 		t.Errorf("new metrics: requestsServed() = %d, errorsTotal() = %d; want 0, 0", m.requestsServed(), m.errorsTotal())
 	}
 }
@@ -203,7 +297,7 @@ func TestBucketIndex(t *testing.T) {
 // TestMetricsStatusClamp checks that codes net/http never sends are kept,
 // as 999, and that a negative duration counts as 0.
 func TestMetricsStatusClamp(t *testing.T) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	m.observe("GET", 0, -time.Second)
 	m.observe("GET", 99, 0)
 	m.observe("GET", 1000, 0)
@@ -266,7 +360,7 @@ func TestWriteEscaped(t *testing.T) {
 }
 
 func TestMetricsServeHTTP(t *testing.T) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	goldenObservations(m)
 	srv := httptest.NewServer(m)
 	t.Cleanup(srv.Close)
@@ -329,7 +423,7 @@ func TestMetricsConcurrent(t *testing.T) {
 		}
 	}
 
-	m := newMetrics()
+	m := newFixedMetrics()
 	var wg sync.WaitGroup
 	started := make(chan struct{}) // closed after the first scrape, so scrapes overlap the updates
 	done := make(chan struct{})
@@ -380,7 +474,7 @@ func TestMetricsConcurrent(t *testing.T) {
 	if got, want := m.errorsTotal(), uint64(workers*perG/10); got != want {
 		t.Errorf("errorsTotal() = %d; want %d", got, want)
 	}
-	seq := newMetrics()
+	seq := newFixedMetrics()
 	for g := range workers {
 		work(seq, g)
 	}
@@ -393,7 +487,7 @@ func TestMetricsConcurrent(t *testing.T) {
 }
 
 func TestMetricsAllocs(t *testing.T) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	tests := []struct {
 		name string
 		f    func()
@@ -433,7 +527,7 @@ func TestMetricsSize(t *testing.T) {
 }
 
 func BenchmarkMetricsObserve(b *testing.B) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		// Every goroutine hits the same series, the common case (POST 200)
@@ -445,7 +539,7 @@ func BenchmarkMetricsObserve(b *testing.B) {
 }
 
 func BenchmarkMetricsWrite(b *testing.B) {
-	m := newMetrics()
+	m := newFixedMetrics()
 	// 100 statuses × 10 methods: 1,000 proxy_requests_total series and 100
 	// histograms (1,600 more lines).
 	for s := 200; s < 300; s++ {
@@ -632,7 +726,7 @@ func (f *expFamily) check() error {
 		for _, l := range s.labels {
 			if l.name != "le" {
 				ln = append(ln, l.name)
-				key.WriteString(l.value + "\xff")
+				key.WriteString(l.value + "\x00") // a value sorts before its extensions
 			}
 		}
 		if i == 0 {

@@ -101,6 +101,10 @@ type exchange struct {
 	response   responseBody // wraps the upstream's response body
 	writer     clientWriter // wraps the client's ResponseWriter
 	upstreamID string       // upstream "request-id" response header
+	messages   bool         // a Messages request: its response's tokens are read (plan.go)
+	model      string       // the model the response names, if read
+	tokens     [numTokenTypes]int64
+	known      [numTokenTypes]bool // which of tokens the response gave
 
 	// The final record (finish).
 	err      error // what failed, for the log line
@@ -163,7 +167,7 @@ func (s *server) serveProxy(w http.ResponseWriter, r *http.Request) {
 
 	// Read the body into memory, so that a retry can replay it.
 	var scan *streamScanner
-	if isMessagesCall(r) {
+	if x.messages = isMessagesCall(r); x.messages {
 		scan = &x.scan
 	}
 	err = s.readBody(x, w, r, scan)
@@ -700,8 +704,8 @@ func (sb *sendBody) expire() {
 var errSwitchingProtocols = errors.New("protocol switch (101) refused: upgrades are not proxied")
 
 // modifyResponse is ReverseProxy's ModifyResponse hook. It refuses a 101,
-// notes the upstream's request-id and puts the idle timer on the response
-// body.
+// notes the upstream's request-id and rate limits, and puts the idle timer
+// (and, for a Messages response, the token reading) on the response body.
 func (s *server) modifyResponse(res *http.Response) error {
 	if res.StatusCode == http.StatusSwitchingProtocols {
 		// Returning an error makes ReverseProxy close the upstream
@@ -712,8 +716,14 @@ func (s *server) modifyResponse(res *http.Response) error {
 	x := exchangeFrom(res.Request.Context())
 	x.upstreamID = res.Header.Get("Request-Id")
 	s.bodyDone(x, res)
+	plan := s.metrics.plan
+	plan.rateLimits(res.Header)
 	if res.Body != nil && res.Body != http.NoBody {
 		x.response = responseBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
+		if x.messages {
+			x.response.usage = plan.startUsage(res)
+			x.response.org = res.Header.Get(organizationKey)
+		}
 		res.Body = &x.response
 	}
 	return nil
@@ -734,6 +744,8 @@ type responseBody struct {
 	metrics *metrics
 	timer   *time.Timer // nil until the first Read
 	timeout time.Duration
+	usage   *usageReading // reads the tokens of a Messages response; nil for others
+	org     string        // the response's anthropic-organization-id
 }
 
 func (b *responseBody) expire() { b.x.cancel(errIdleTimeout) }
@@ -749,6 +761,9 @@ func (b *responseBody) Read(p []byte) (int, error) {
 	}
 	n, err := b.rc.Read(p)
 	b.timer.Stop()
+	if b.usage != nil && n > 0 {
+		b.usage.write(p[:n])
+	}
 	if err != nil && err != io.EOF {
 		switch {
 		case b.x.Err() != nil:
@@ -768,6 +783,10 @@ func (b *responseBody) Read(p []byte) (int, error) {
 func (b *responseBody) Close() error {
 	if b.timer != nil {
 		b.timer.Stop()
+	}
+	if u := b.usage; u != nil {
+		b.usage = nil
+		b.x.model, b.x.tokens, b.x.known = u.end(b.metrics.plan, b.org)
 	}
 	return b.rc.Close()
 }
@@ -1095,7 +1114,7 @@ func (s *server) logRequest(x *exchange, r *http.Request, status int, d time.Dur
 	if !s.log.Enabled(context.Background(), level) {
 		return
 	}
-	attrs := make([]slog.Attr, 0, 8)
+	attrs := make([]slog.Attr, 0, 11)
 	attrs = append(attrs,
 		slog.String("request_id", x.id),
 		slog.String("method", r.Method),
@@ -1108,6 +1127,15 @@ func (s *server) logRequest(x *exchange, r *http.Request, status int, d time.Dur
 	}
 	if x.attempts > 0 {
 		attrs = append(attrs, slog.Int("attempts", x.attempts))
+	}
+	if x.model != "" {
+		attrs = append(attrs, slog.String("model", x.model))
+	}
+	if x.known[tokenInput] {
+		attrs = append(attrs, slog.Int64("input_tokens", x.tokens[tokenInput]))
+	}
+	if x.known[tokenOutput] {
+		attrs = append(attrs, slog.Int64("output_tokens", x.tokens[tokenOutput]))
 	}
 	if x.err != nil {
 		attrs = append(attrs, slog.String("error", x.err.Error()))
