@@ -206,17 +206,20 @@ const (
 func (p *plan) rateLimits(h http.Header) {
 	var found [24]rateLimitHeader // the API sends about a dozen
 	n := 0
-	var names [24][40]byte
+	var names [len(found)][64]byte
 	for k, vv := range h {
 		if len(vv) == 0 || len(k) <= len(rateLimitPrefix) || !strings.EqualFold(k[:len(rateLimitPrefix)], rateLimitPrefix) || n == len(found) {
 			continue
 		}
-		rest := k[len(rateLimitPrefix):]
-		kind, name, ok := classify(rest)
-		if !ok || len(name) > len(names[n]) {
+		kind, name, ok := classify(k[len(rateLimitPrefix):])
+		if !ok {
 			continue
 		}
-		found[n] = rateLimitHeader{value: vv[0], kind: kind, name: lower(names[n][:0], name)}
+		f := rateLimitHeader{value: vv[0], kind: kind} // a name too long for a label stays nil: "other"
+		if len(name) <= len(names[n]) {
+			f.name = lower(names[n][:0], name)
+		}
+		found[n] = f
 		n++
 	}
 	if n == 0 {

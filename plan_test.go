@@ -366,3 +366,23 @@ func TestTokenEncodings(t *testing.T) {
 		})
 	}
 }
+
+// TestPlanCostsNoAllocation: once an organization's windows are known, the
+// headers of each further response cost no allocation, and neither does
+// the headers' absence.
+func TestPlanCostsNoAllocation(t *testing.T) {
+	h := http.Header{}
+	for k, v := range maxHeaders {
+		h.Set(k, v)
+	}
+	h.Set("Anthropic-Ratelimit-Input-Tokens-Limit", "30000")
+	m := newMetrics()
+	m.plan.rateLimits(h)
+	if n := testing.AllocsPerRun(100, func() { m.plan.rateLimits(h) }); n != 0 {
+		t.Errorf("rate-limit headers: %v allocations per response; want 0", n)
+	}
+	plain := http.Header{"Content-Type": {"application/json"}, "Request-Id": {"req_1"}}
+	if n := testing.AllocsPerRun(100, func() { m.plan.rateLimits(plain) }); n != 0 {
+		t.Errorf("no rate-limit headers: %v allocations per response; want 0", n)
+	}
+}
