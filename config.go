@@ -1,7 +1,6 @@
 package main
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -17,31 +16,10 @@ import (
 	"unicode/utf8"
 )
 
-// Limits and defaults of the [proxy] table (SPEC "Configuration").
-const (
-	// defaultTimeoutSecs is timeout_secs when the key is absent: 60 s to wait
-	// for the upstream's response headers, and the longest silence allowed
-	// inside a streamed body.
-	defaultTimeoutSecs = 60
-	// maxTimeoutSecs caps timeout_secs at one day (86400 s): longer is surely
-	// a typo, and the cap keeps timeout_secs * time.Second far from overflow.
-	maxTimeoutSecs = 86400
-	// defaultMaxConnections is max_connections when the key is absent: 1000
-	// proxied requests in flight.
-	defaultMaxConnections = 1000
-	// maxMaxConnections caps max_connections at one million, far above what
-	// one pod with a 128 MiB memory limit can serve.
-	maxMaxConnections = 1_000_000
-	// defaultMaxBodyBytes is max_body_bytes when the key is absent: 10 MiB.
-	defaultMaxBodyBytes = 10 << 20
-	// maxMaxBodyBytes caps max_body_bytes at 64 MiB, the shared budget for
-	// buffered request bodies (SPEC "Memory").
-	maxMaxBodyBytes = 64 << 20
-	// maxConfigBytes bounds how much loadConfig reads (1 MiB): a real config
-	// is under 1 KiB, and -config pointed at a device or a big file must fail
-	// quickly instead of filling memory.
-	maxConfigBytes = 1 << 20
-)
+// maxConfigBytes bounds how much loadConfig reads (1 MiB): a real config
+// is under 1 KiB, and -config pointed at a device or a big file must fail
+// quickly instead of filling memory.
+const maxConfigBytes = 1 << 20
 
 // HeaderMode says how a [[headers]] entry changes the outgoing request.
 type HeaderMode uint8
@@ -170,8 +148,23 @@ var tableKeys = map[string][]string{
 	"headers": {"name", "value", "mode"},
 }
 
-// integerKeys are the keys whose value is an integer; the others take a string.
-var integerKeys = []string{"timeout_secs", "max_connections", "max_body_bytes"}
+// intKeys are the integer keys of [proxy], all optional, with the default
+// and the upper limit of each (SPEC "Configuration"); every one must be at
+// least 1. The other keys take a string.
+var intKeys = map[string]struct {
+	def, max int64
+	note     string // what max means, for messages
+}{
+	// 60 s to wait for the upstream's response headers, and the longest
+	// silence allowed inside a streamed body. Over a day is surely a typo,
+	// and the cap keeps timeout_secs * time.Second far from overflow.
+	"timeout_secs": {60, 86400, " (24 hours)"},
+	// Proxied requests in flight; a million is far above what one pod with
+	// a 128 MiB memory limit can serve.
+	"max_connections": {1000, 1_000_000, ""},
+	// The cap is the shared budget for buffered request bodies (SPEC "Memory").
+	"max_body_bytes": {10 << 20, 64 << 20, " (64 MiB)"},
+}
 
 // parser turns the lines of one config file into tables. It reads each line
 // once and keeps no state beyond the tables seen so far.
@@ -313,7 +306,8 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 	if prev, dup := p.cur.keys[key]; dup {
 		return p.errorf("duplicate key %s, first set on line %d", name, prev.line)
 	}
-	v, err := p.lexValue(sc, name, slices.Contains(integerKeys, key))
+	_, integer := intKeys[key]
+	v, err := p.lexValue(sc, name, integer)
 	if err != nil {
 		return err
 	}
@@ -538,29 +532,19 @@ func (p *parser) buildProxy() (*Config, error) {
 	if msg != "" {
 		return nil, p.errorAt(up.line, "proxy.upstream_url %s", msg)
 	}
-	secs, err1 := p.intKey(t, "timeout_secs", defaultTimeoutSecs, maxTimeoutSecs, " (24 hours)")
-	conns, err2 := p.intKey(t, "max_connections", defaultMaxConnections, maxMaxConnections, "")
-	body, err3 := p.intKey(t, "max_body_bytes", defaultMaxBodyBytes, maxMaxBodyBytes, " (64 MiB)")
-	if err := cmp.Or(err1, err2, err3); err != nil {
-		return nil, err
+	for _, key := range tableKeys["proxy"] { // a fixed order: the first error is always the same
+		v, ok := t.keys[key]
+		lim, integer := intKeys[key]
+		switch {
+		case !integer:
+		case !ok:
+			t.keys[key] = value{num: lim.def}
+		case v.num < 1 || v.num > lim.max:
+			return nil, p.errorAt(v.line, "proxy.%s must be from 1 to %d%s, got %s", key, lim.max, lim.note, cut(v.str, maxShown))
+		}
 	}
-	return &Config{ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(secs) * time.Second,
-		MaxConnections: int(conns), MaxBodyBytes: body}, nil
-}
-
-// intKey returns the integer key of t, def when absent, checking that it is
-// in 1..limit; note explains limit in the message.
-func (p *parser) intKey(t *table, key string, def, limit int64, note string) (int64, error) {
-	v, ok := t.keys[key]
-	switch {
-	case !ok:
-		return def, nil
-	case v.num <= 0:
-		return 0, p.errorAt(v.line, "%s.%s must be greater than 0, got %s", t.name, key, cut(v.str, maxShown))
-	case v.num > limit:
-		return 0, p.errorAt(v.line, "%s.%s must be at most %d%s, got %s", t.name, key, limit, note, cut(v.str, maxShown))
-	}
-	return v.num, nil
+	return &Config{ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(t.keys["timeout_secs"].num) * time.Second,
+		MaxConnections: int(t.keys["max_connections"].num), MaxBodyBytes: t.keys["max_body_bytes"].num}, nil
 }
 
 // checkListenAddr checks addr is host:port with a numeric port in 0..65535

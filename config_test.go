@@ -253,7 +253,7 @@ func rejectedValues() []rejectedCase {
 		{"trailing underscore", minimalProxy + "timeout_secs = 10_\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "10_" (allowed: decimal digits such as 60 or 1_000, no leading zeros)`},
 		{"underscore after sign", minimalProxy + "timeout_secs = +_10\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "+_10" (allowed: decimal digits such as 60 or 1_000, no leading zeros)`},
 		{"leading underscore", minimalProxy + "timeout_secs = _10\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "_10" (allowed: decimal digits such as 60 or 1_000, no leading zeros)`},
-		{"integer overflow", minimalProxy + "max_body_bytes = 9223372036854775808\n", "test.toml:4: proxy.max_body_bytes must be at most 67108864 (64 MiB), got 9223372036854775808"},
+		{"integer overflow", minimalProxy + "max_body_bytes = 9223372036854775808\n", "test.toml:4: proxy.max_body_bytes must be from 1 to 67108864 (64 MiB), got 9223372036854775808"},
 		{"array", headerEntry("x-a", `value = ["a", "b"]`), `test.toml:6: headers.value must be a string, got unquoted text "[\"a\", \"b\"]" (strings must be quoted)`},
 		{"inline table", minimalProxy + "timeout_secs = { secs = 5 }\n", `test.toml:4: proxy.timeout_secs must be an integer, got unquoted text "{ secs = 5 }" (allowed: decimal digits such as 60 or 1_000, no leading zeros)`},
 		{"text after a value", "[proxy]\nlisten_addr = \"127.0.0.1:8080\" x\n", `test.toml:2: trailing garbage after the value of proxy.listen_addr, expected end of line or # comment, got "x"`},
@@ -299,15 +299,15 @@ func rejectedProxy() []rejectedCase {
 		{"port too large", listen(":65536"), `test.toml:2: proxy.listen_addr port must be a number from 0 to 65535, got "65536"`},
 		{"signed port", listen(":+80"), `test.toml:2: proxy.listen_addr port must be a number from 0 to 65535, got "+80"`},
 		{"space in host", listen("my host:80"), `test.toml:2: proxy.listen_addr host must be an IP address or a host name, got "my host"`},
-		{"timeout zero", minimalProxy + "timeout_secs = 0\n", "test.toml:4: proxy.timeout_secs must be greater than 0, got 0"},
-		{"timeout negative", minimalProxy + "timeout_secs = -5\n", "test.toml:4: proxy.timeout_secs must be greater than 0, got -5"},
-		{"timeout over a day", minimalProxy + "timeout_secs = 86_401\n", "test.toml:4: proxy.timeout_secs must be at most 86400 (24 hours), got 86_401"},
-		{"timeout near overflow", minimalProxy + "timeout_secs = 9223372036854775807\n", "test.toml:4: proxy.timeout_secs must be at most 86400 (24 hours), got 9223372036854775807"},
-		{"max_connections zero", minimalProxy + "max_connections = 0\n", "test.toml:4: proxy.max_connections must be greater than 0, got 0"},
-		{"max_connections too large", minimalProxy + "max_connections = 1000001\n", "test.toml:4: proxy.max_connections must be at most 1000000, got 1000001"},
-		{"max_body_bytes zero", minimalProxy + "max_body_bytes = 0\n", "test.toml:4: proxy.max_body_bytes must be greater than 0, got 0"},
-		{"max_body_bytes over 64 MiB", minimalProxy + "max_body_bytes = 67108865\n", "test.toml:4: proxy.max_body_bytes must be at most 67108864 (64 MiB), got 67108865"},
-		{"minimum int64", minimalProxy + "max_body_bytes = -9223372036854775808\n", "test.toml:4: proxy.max_body_bytes must be greater than 0, got -9223372036854775808"},
+		{"timeout zero", minimalProxy + "timeout_secs = 0\n", "test.toml:4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got 0"},
+		{"timeout negative", minimalProxy + "timeout_secs = -5\n", "test.toml:4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got -5"},
+		{"timeout over a day", minimalProxy + "timeout_secs = 86_401\n", "test.toml:4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got 86_401"},
+		{"timeout near overflow", minimalProxy + "timeout_secs = 9223372036854775807\n", "test.toml:4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got 9223372036854775807"},
+		{"max_connections zero", minimalProxy + "max_connections = 0\n", "test.toml:4: proxy.max_connections must be from 1 to 1000000, got 0"},
+		{"max_connections too large", minimalProxy + "max_connections = 1000001\n", "test.toml:4: proxy.max_connections must be from 1 to 1000000, got 1000001"},
+		{"max_body_bytes zero", minimalProxy + "max_body_bytes = 0\n", "test.toml:4: proxy.max_body_bytes must be from 1 to 67108864 (64 MiB), got 0"},
+		{"max_body_bytes over 64 MiB", minimalProxy + "max_body_bytes = 67108865\n", "test.toml:4: proxy.max_body_bytes must be from 1 to 67108864 (64 MiB), got 67108865"},
+		{"minimum int64", minimalProxy + "max_body_bytes = -9223372036854775808\n", "test.toml:4: proxy.max_body_bytes must be from 1 to 67108864 (64 MiB), got -9223372036854775808"},
 	}
 }
 
@@ -419,7 +419,7 @@ func TestParseConfigLargeInputs(t *testing.T) {
 		{"long table header", strings.Repeat("[", n), `test.toml:1: invalid table header "[[[`},
 		{"long table name", "[" + strings.Repeat("t", n) + "]", `test.toml:1: invalid table header "[ttt`},
 		{"long string", minimalProxy + "timeout_secs = \"" + strings.Repeat("s", n) + "\"", `test.toml:4: proxy.timeout_secs must be an integer, got string "sss`},
-		{"long number", minimalProxy + "timeout_secs = " + strings.Repeat("9", n), "test.toml:4: proxy.timeout_secs must be at most 86400 (24 hours), got 999"},
+		{"long number", minimalProxy + "timeout_secs = " + strings.Repeat("9", n), "test.toml:4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got 999"},
 		{"long garbage", minimalProxy + "timeout_secs = 1 " + strings.Repeat("g", n), `test.toml:4: trailing garbage after the value of proxy.timeout_secs, expected end of line or # comment, got "ggg`},
 		{"long address", "[proxy]\nlisten_addr = \"" + strings.Repeat("a", n) + "\"\nupstream_url = \"https://x\"", `test.toml:2: proxy.listen_addr must be host:port such as "127.0.0.1:8080", got "aaa`},
 		{"long header name", headerEntry(strings.Repeat("h", n), `value = "v"`) + headerEntry(strings.Repeat("h", n), `value = "v"`)[len(minimalProxy):], `test.toml:8: duplicate header "hhh`},
@@ -511,7 +511,7 @@ func TestLoadConfigErrors(t *testing.T) {
 		{"missing file", missing, "read config: open " + missing + ": no such file or directory", fs.ErrNotExist},
 		{"directory", dir, "read config: read " + dir + ": is a directory", nil},
 		{"too large", big, big + ": file is larger than 1048576 bytes (1 MiB), expected a small TOML config; is it the right file?", nil},
-		{"invalid", bad, bad + ":4: proxy.timeout_secs must be greater than 0, got 0", nil},
+		{"invalid", bad, bad + ":4: proxy.timeout_secs must be from 1 to 86400 (24 hours), got 0", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
