@@ -630,13 +630,16 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	m, hasMode := t.keys["mode"]
 	mode := slices.Index(headerModeNames[:], m.str) // -1 when absent or unknown
 	rule := HeaderRule{Name: name.str, Value: v.str, Mode: HeaderMode(max(mode, 0)), Line: t.line}
-	why := refusedHeader(strings.ToLower(name.str))
+	why := refusedHeaders[strings.ToLower(name.str)]
+	if slices.ContainsFunc(hopHeaders[:], func(h string) bool { return strings.EqualFold(h, name.str) }) {
+		why = "it is a hop-by-hop header, removed before the request is forwarded"
+	}
 	ctl := strings.IndexFunc(v.str, isControl) // a control character is one byte
 	var err error
 	switch {
 	case !hasName:
 		err = p.errorAt(t.line, "[[headers]] entry has no name, expected name = \"header-name\"")
-	case !isToken(name.str):
+	case name.str == "" || strings.Trim(name.str, tokenChars) != "":
 		err = p.errorAt(name.line, "headers.name must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %s", quote(name.str))
 	case why != "":
 		err = p.errorAt(name.line, "header %s cannot be configured: %s", quote(name.str), why)
@@ -661,28 +664,14 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	return rule, err
 }
 
-// isToken reports whether s is an HTTP token (RFC 9110 section 5.6.2), the
-// syntax of a header name.
-func isToken(s string) bool {
-	const tchars = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-	return s != "" && strings.Trim(s, tchars) == ""
-}
+// tokenChars are the characters of an HTTP token (RFC 9110 section 5.6.2),
+// the syntax of a header name.
+const tokenChars = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
-// refusedHeader returns why the header lower (a lower-case name) can never
-// be configured, or "".
-func refusedHeader(lower string) string {
-	switch lower {
-	case "authorization":
-		return "the client's Authorization always passes through untouched, and the proxy holds no credentials"
-	case "host":
-		return "Host is always the upstream's host"
-	case "content-length":
-		return "it is set from the request body"
-	}
-	for _, h := range hopHeaders {
-		if strings.EqualFold(h, lower) {
-			return "it is a hop-by-hop header, removed before the request is forwarded"
-		}
-	}
-	return ""
+// refusedHeaders says why a header, by lower-case name, can never be
+// configured; the hop-by-hop headers (hopHeaders) are refused too.
+var refusedHeaders = map[string]string{
+	"authorization":  "the client's Authorization always passes through untouched, and the proxy holds no credentials",
+	"host":           "Host is always the upstream's host",
+	"content-length": "it is set from the request body",
 }
