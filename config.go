@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -578,31 +579,25 @@ func checkUpstream(raw string) (*url.URL, string) {
 	shown := quote(redactURL(raw))
 	u, err := url.Parse(raw)
 	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
+		err = cmp.Or(errors.Unwrap(err), err) // the *url.Error's cause, without the URL
 		return nil, fmt.Sprintf("must be a valid URL, got %s (%s)", shown, cut(err.Error(), 2*maxShown))
 	}
+	// u.Port() is "" both for no port and for an empty one ("host:").
+	port := u.Port()
+	n, perr := strconv.ParseUint(port, 10, 16)
 	switch {
 	case u.Scheme == "":
 		return nil, fmt.Sprintf("must be an http or https URL such as \"https://api.anthropic.com\", got %s", shown)
-	case u.Scheme != "http" && u.Scheme != "https":
+	case u.Scheme != "http" && u.Scheme != "https": // shown could hold a password: "user:pass@host" has scheme "user"
 		return nil, fmt.Sprintf("must use http or https, got scheme %s", quote(u.Scheme))
 	case u.User != nil:
 		return nil, fmt.Sprintf("must not contain a user name or password (credentials never belong in the config; clients send their own), got %s", shown)
 	case u.Hostname() == "":
 		return nil, fmt.Sprintf("must name a host, got %s", shown)
-	case u.RawQuery != "" || u.ForceQuery:
-		return nil, fmt.Sprintf("must not have a query (the client's query is sent), got %s", shown)
-	case strings.Contains(raw, "#"):
-		return nil, fmt.Sprintf("must not have a fragment (#...), got %s", shown)
-	}
-	// u.Port() is "" both for no port and for an empty one ("host:").
-	if port := u.Port(); port != "" || strings.HasSuffix(u.Host, ":") {
-		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-			return nil, fmt.Sprintf("port must be a number from 1 to 65535, got %s", quote(port))
-		}
+	case u.RawQuery != "" || u.ForceQuery || strings.Contains(raw, "#"):
+		return nil, fmt.Sprintf("must not have a query or fragment (the client's path and query are appended to it), got %s", shown)
+	case (port != "" || strings.HasSuffix(u.Host, ":")) && (perr != nil || n == 0):
+		return nil, fmt.Sprintf("port must be a number from 1 to 65535, got %s", quote(port))
 	}
 	return u, ""
 }
