@@ -526,8 +526,8 @@ func (p *parser) buildProxy() (*Config, error) {
 		}
 	}
 	addr, up := t.keys["listen_addr"], t.keys["upstream_url"]
-	if msg := checkListenAddr(addr.str); msg != "" {
-		return nil, p.errorAt(addr.line, "proxy.listen_addr %s", msg)
+	if !validListenAddr(addr.str) {
+		return nil, p.errorAt(addr.line, "proxy.listen_addr must be host:port (host: an IP address, a host name or empty; port: 0 to 65535), such as \"127.0.0.1:8080\", \"[::1]:8080\" or \":8080\", got %s", quote(addr.str))
 	}
 	u, msg := checkUpstream(up.str)
 	if msg != "" {
@@ -548,27 +548,16 @@ func (p *parser) buildProxy() (*Config, error) {
 		MaxConnections: int(t.keys["max_connections"].num), MaxBodyBytes: t.keys["max_body_bytes"].num}, nil
 }
 
-// checkListenAddr checks addr is host:port with a numeric port in 0..65535
-// and a host that is empty, an IP address or a host name. It returns what
-// is wrong, to follow "proxy.listen_addr", or "".
-func checkListenAddr(addr string) string {
+// validListenAddr reports whether addr is host:port with a port in 0..65535
+// written in decimal digits (no sign, "_" or service name) and a host that is
+// empty, an IP address or a host name.
+func validListenAddr(addr string) bool {
 	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		var ae *net.AddrError
-		if errors.As(err, &ae) {
-			err = errors.New(ae.Err)
-		}
-		return fmt.Sprintf("must be host:port such as \"127.0.0.1:8080\", got %s (%v)", quote(addr), err)
-	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil { // no sign, no "_", no service names
-		return fmt.Sprintf("port must be a number from 0 to 65535, got %s", quote(port))
-	}
+	_, perr := strconv.ParseUint(port, 10, 16)
+	_, herr := netip.ParseAddr(host)
 	// A host name needs only the characters of a DNS name: letters, digits, '-', '.'.
 	isName := strings.Trim(host, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.") == "" && strings.Trim(host, ".") != ""
-	if _, err := netip.ParseAddr(host); err != nil && host != "" && !isName {
-		return fmt.Sprintf("host must be an IP address or a host name, got %s", quote(host))
-	}
-	return ""
+	return err == nil && perr == nil && (herr == nil || host == "" || isName)
 }
 
 // checkUpstream parses raw as the upstream URL: http or https, with a host,
