@@ -95,8 +95,7 @@ func loadConfig(path string) (*Config, error) {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
 	if len(data) > maxConfigBytes {
-		return nil, &ConfigError{File: path, Msg: fmt.Sprintf(
-			"file is larger than %d bytes (1 MiB), expected a small TOML config; is it the right file?", maxConfigBytes)}
+		return nil, &ConfigError{File: path, Msg: fmt.Sprintf("file is larger than %d bytes (1 MiB), expected a small TOML config; is it the right file?", maxConfigBytes)}
 	}
 	return parseConfig(path, data)
 }
@@ -112,7 +111,6 @@ func parseConfig(file string, data []byte) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg.Path = file
 	seen := make(map[string]int) // lower-case header name -> line of its name key
 	for _, t := range p.headers {
 		rule, err := p.buildHeader(t)
@@ -149,9 +147,8 @@ var tableKeys = map[string][]string{
 	"headers": {"name", "value", "mode"},
 }
 
-// intKeys are the integer keys of [proxy], all optional, with the default
-// and the upper limit of each (SPEC "Configuration"); every one must be at
-// least 1. The other keys take a string.
+// intKeys are the integer keys, all optional, with their defaults and upper
+// limits (SPEC "Configuration"); each must be at least 1.
 var intKeys = map[string]struct {
 	def, max int64
 	note     string // what max means, for messages
@@ -175,11 +172,6 @@ type parser struct {
 	proxy   *table   // the [proxy] table, nil until seen
 	headers []*table // the [[headers]] entries in file order
 	cur     *table   // the table keys go to; nil before the first table header
-}
-
-// errorf returns a *ConfigError at the current line.
-func (p *parser) errorf(format string, args ...any) error {
-	return p.errorAt(p.line, format, args...)
 }
 
 // errorAt returns a *ConfigError at line (0: no line).
@@ -226,13 +218,13 @@ func (p *parser) checkText(line string) error {
 		col := func() int { return utf8.RuneCountInString(line[:i]) + 1 }
 		switch {
 		case r == utf8.RuneError && !strings.HasPrefix(line[i:], "\uFFFD"):
-			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], col())
+			return p.errorAt(p.line, "invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], col())
 		case r == 0:
-			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", col())
+			return p.errorAt(p.line, "file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", col())
 		case r == '\r':
-			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", col())
+			return p.errorAt(p.line, "carriage return (U+000D) at column %d is not allowed except before a line feed", col())
 		case isControl(r):
-			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, col())
+			return p.errorAt(p.line, "control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, col())
 		}
 	}
 	return nil
@@ -253,9 +245,9 @@ func (p *parser) parseTableHeader(sc *scanner) error {
 	closed := sc.accept("]") && (!array || sc.accept("]"))
 	switch {
 	case name == "tailscale":
-		return p.errorf("the [tailscale] section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section")
+		return p.errorAt(p.line, "the [tailscale] section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section")
 	case !closed || !(name == "proxy" && !array || name == "headers" && array):
-		return p.errorf("invalid table header %s, expected [proxy] or [[headers]]", quote(strings.TrimRight(sc.input[start:], " \t")))
+		return p.errorAt(p.line, "invalid table header %s, expected [proxy] or [[headers]]", quote(strings.TrimRight(sc.input[start:], " \t")))
 	}
 	if err := p.endOfLine(sc, "table header "+sc.input[start:sc.pos]); err != nil {
 		return err
@@ -265,7 +257,7 @@ func (p *parser) parseTableHeader(sc *scanner) error {
 	case array:
 		p.headers = append(p.headers, t)
 	case p.proxy != nil:
-		return p.errorf("duplicate table [proxy], first defined on line %d", p.proxy.line)
+		return p.errorAt(p.line, "duplicate table [proxy], first defined on line %d", p.proxy.line)
 	default:
 		p.proxy = t
 	}
@@ -283,16 +275,16 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 	sc.skipSpace()
 	switch {
 	case key == "":
-		return p.errorf("expected a bare key (A-Z a-z 0-9 _ -), [table] or # comment, got %s", quote(sc.rest()))
+		return p.errorAt(p.line, "expected a bare key (A-Z a-z 0-9 _ -), [table] or # comment, got %s", quote(sc.rest()))
 	case sc.peek() == '.':
 		sc.acceptUntil("=")
-		return p.errorf("dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.TrimRight(sc.input[start:sc.pos], " \t")))
+		return p.errorAt(p.line, "dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.TrimRight(sc.input[start:sc.pos], " \t")))
 	case sc.peek() == eof:
-		return p.errorf("expected \"=\" after key %s, got end of line", cut(key, maxShown))
+		return p.errorAt(p.line, "expected \"=\" after key %s, got end of line", cut(key, maxShown))
 	case !sc.accept("="):
-		return p.errorf("expected \"=\" after key %s, got %s", cut(key, maxShown), quote(sc.rest()))
+		return p.errorAt(p.line, "expected \"=\" after key %s, got %s", cut(key, maxShown), quote(sc.rest()))
 	case p.cur == nil:
-		return p.errorf("key %s appears before any table, expected a [proxy] or [[headers]] table header first", cut(key, maxShown))
+		return p.errorAt(p.line, "key %s appears before any table, expected a [proxy] or [[headers]] table header first", cut(key, maxShown))
 	}
 	name := p.cur.name + "." + key
 	if !slices.Contains(tableKeys[p.cur.name], key) {
@@ -302,10 +294,10 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 		} else if slices.Contains(tableKeys["headers"], key) {
 			hint = " (" + key + " belongs under [[headers]])"
 		}
-		return p.errorf("unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(tableKeys[p.cur.name], ", "), hint)
+		return p.errorAt(p.line, "unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(tableKeys[p.cur.name], ", "), hint)
 	}
 	if prev, dup := p.cur.keys[key]; dup {
-		return p.errorf("duplicate key %s, first set on line %d", name, prev.line)
+		return p.errorAt(p.line, "duplicate key %s, first set on line %d", name, prev.line)
 	}
 	_, integer := intKeys[key]
 	v, err := p.lexValue(sc, name, integer)
@@ -321,7 +313,7 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 func (p *parser) endOfLine(sc *scanner, what string) error {
 	sc.skipSpace()
 	if r := sc.peek(); r != eof && r != '#' {
-		return p.errorf("trailing garbage after %s, expected end of line or # comment, got %s", what, quote(strings.TrimRight(sc.rest(), " \t")))
+		return p.errorAt(p.line, "trailing garbage after %s, expected end of line or # comment, got %s", what, quote(strings.TrimRight(sc.rest(), " \t")))
 	}
 	return nil
 }
@@ -342,7 +334,7 @@ func (p *parser) lexValue(sc *scanner, name string, integer bool) (value, error)
 	case r == eof || r == '#':
 		got = "nothing"
 	case strings.HasPrefix(rest, `"""`) || strings.HasPrefix(rest, "'''"):
-		return value{}, p.errorf("%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
+		return value{}, p.errorAt(p.line, "%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
 	case r == '"' || r == '\'':
 		s, err := p.lexString(sc, name)
 		if err != nil || !integer {
@@ -365,7 +357,7 @@ func (p *parser) lexValue(sc *scanner, name string, integer bool) (value, error)
 			return value{str: tok, num: n}, nil
 		}
 	}
-	return value{}, p.errorf("%s must be %s, got %s", name, want, got)
+	return value{}, p.errorAt(p.line, "%s must be %s, got %s", name, want, got)
 }
 
 // isDecimal reports whether tok is a TOML decimal integer: an optional
@@ -392,7 +384,7 @@ func (p *parser) lexString(sc *scanner, name string) (string, error) {
 	for {
 		switch r := sc.next(); {
 		case r == eof:
-			return "", p.errorf("%s: unterminated string, expected a closing %c before the end of the line", name, delim)
+			return "", p.errorAt(p.line, "%s: unterminated string, expected a closing %c before the end of the line", name, delim)
 		case r == delim:
 			return b.String(), nil
 		case r == '\\' && delim == '"':
@@ -421,7 +413,7 @@ func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
 		hex := sc.input[start:sc.pos]
 		code, _ := strconv.ParseUint(hex, 16, 32)
 		if len(hex) < 4 || !utf8.ValidRune(rune(code)) {
-			return p.errorf(`%s: invalid escape \u%s, expected \u and 4 hex digits of a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
+			return p.errorAt(p.line, `%s: invalid escape \u%s, expected \u and 4 hex digits of a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
 		}
 		b.WriteRune(rune(code))
 	case eof: // lexString reports the unterminated string
@@ -430,7 +422,7 @@ func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
 		if !unicode.IsPrint(r) {
 			esc = strconv.Quote(esc)
 		}
-		return p.errorf(`%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, esc)
+		return p.errorAt(p.line, `%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, esc)
 	}
 	return nil
 }
@@ -544,18 +536,17 @@ func (p *parser) buildProxy() (*Config, error) {
 			return nil, p.errorAt(v.line, "proxy.%s must be from 1 to %d%s, got %s", key, lim.max, lim.note, cut(v.str, maxShown))
 		}
 	}
-	return &Config{ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(t.keys["timeout_secs"].num) * time.Second,
+	return &Config{Path: p.file, ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(t.keys["timeout_secs"].num) * time.Second,
 		MaxConnections: int(t.keys["max_connections"].num), MaxBodyBytes: t.keys["max_body_bytes"].num}, nil
 }
 
 // validListenAddr reports whether addr is host:port with a port in 0..65535
-// written in decimal digits (no sign, "_" or service name) and a host that is
-// empty, an IP address or a host name.
+// in decimal digits (no sign, "_" or service name) and a host that is empty,
+// an IP address or a host name (letters, digits, '-' and '.', as in DNS).
 func validListenAddr(addr string) bool {
 	host, port, err := net.SplitHostPort(addr)
 	_, perr := strconv.ParseUint(port, 10, 16)
 	_, herr := netip.ParseAddr(host)
-	// A host name needs only the characters of a DNS name: letters, digits, '-', '.'.
 	isName := strings.Trim(host, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.") == "" && strings.Trim(host, ".") != ""
 	return err == nil && perr == nil && (herr == nil || host == "" || isName)
 }
