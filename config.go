@@ -623,10 +623,8 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	case rule.Mode == HeaderRemove && hasValue:
 		err = p.errorAt(v.line, "headers.value must be absent when mode is \"remove\" (header %s is deleted, not given a value)", quote(rule.Name))
 	case rule.Mode == HeaderRemove: // no value to check
-	case !hasValue:
-		err = p.errorAt(t.line, "header %s has no value, expected value = \"...\" (mode %q needs one)", quote(rule.Name), rule.Mode)
-	case v.str == "":
-		err = p.errorAt(v.line, "headers.value must not be empty for mode %q (use mode = \"remove\" to delete header %s)", rule.Mode, quote(rule.Name))
+	case v.str == "": // absent (no line: the entry's) or empty
+		err = p.errorAt(cmp.Or(v.line, t.line), "header %s needs a non-empty value = \"...\" for mode %q (use mode = \"remove\" to delete the header)", quote(rule.Name), rule.Mode)
 	case rule.Mode == HeaderAppend && strings.Trim(v.str, " \t,") == "":
 		err = p.errorAt(v.line, "headers.value must hold at least one token for mode \"append\", got %s", quote(v.str))
 	case strings.Trim(v.str, " \t") != v.str:
