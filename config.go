@@ -190,16 +190,12 @@ func (p *parser) parse(data []byte) error {
 	}
 	for line := range strings.SplitSeq(strings.TrimPrefix(text, "\xEF\xBB\xBF"), "\n") {
 		p.line++
-		line = strings.TrimSuffix(line, "\r") // CRLF line ends
-		if err := p.checkText(line); err != nil {
-			return err
-		}
-		sc := &scanner{input: line}
+		sc := &scanner{input: strings.TrimSuffix(line, "\r")} // CRLF line ends
+		err := p.checkText(sc.input)
 		sc.skipSpace()
-		var err error
-		switch sc.peek() {
-		case eof, '#': // blank or comment
-		case '[':
+		switch r := sc.peek(); {
+		case err != nil || r == eof || r == '#': // text refused, or a blank or comment line
+		case r == '[':
 			err = p.parseTableHeader(sc)
 		default:
 			err = p.parseKeyValue(sc)
