@@ -295,8 +295,7 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 	if prev, dup := p.cur.keys[key]; dup {
 		return p.errorAt(p.line, "duplicate key %s, first set on line %d", name, prev.line)
 	}
-	_, integer := intKeys[key]
-	v, err := p.lexValue(sc, name, integer)
+	v, err := p.lexValue(sc, name, intKeys[key].max > 0)
 	if err != nil {
 		return err
 	}
