@@ -17,31 +17,10 @@ import (
 	"unicode/utf8"
 )
 
-// Limits and defaults of the [proxy] table (SPEC "Configuration").
-const (
-	// defaultTimeoutSecs is timeout_secs when the key is absent: 60 s to wait
-	// for the upstream's response headers, and the longest silence allowed
-	// inside a streamed body.
-	defaultTimeoutSecs = 60
-	// maxTimeoutSecs caps timeout_secs at one day (86400 s): longer is surely
-	// a typo, and the cap keeps timeout_secs * time.Second far from overflow.
-	maxTimeoutSecs = 86400
-	// defaultMaxConnections is max_connections when the key is absent: 1000
-	// proxied requests in flight.
-	defaultMaxConnections = 1000
-	// maxMaxConnections caps max_connections at one million, far above what
-	// one pod with a 128 MiB memory limit can serve.
-	maxMaxConnections = 1_000_000
-	// defaultMaxBodyBytes is max_body_bytes when the key is absent: 10 MiB.
-	defaultMaxBodyBytes = 10 << 20
-	// maxMaxBodyBytes caps max_body_bytes at 64 MiB, the shared budget for
-	// buffered request bodies (SPEC "Memory").
-	maxMaxBodyBytes = 64 << 20
-	// maxConfigBytes bounds how much loadConfig reads (1 MiB): a real config
-	// is under 1 KiB, and -config pointed at a device or a big file must fail
-	// quickly instead of filling memory.
-	maxConfigBytes = 1 << 20
-)
+// maxConfigBytes bounds how much loadConfig reads (1 MiB): a real config
+// is under 1 KiB, and -config pointed at a device or a big file must fail
+// quickly instead of filling memory.
+const maxConfigBytes = 1 << 20
 
 // HeaderMode says how a [[headers]] entry changes the outgoing request.
 type HeaderMode uint8
@@ -116,8 +95,7 @@ func loadConfig(path string) (*Config, error) {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
 	if len(data) > maxConfigBytes {
-		return nil, &ConfigError{File: path, Msg: fmt.Sprintf(
-			"file is larger than %d bytes (1 MiB), expected a small TOML config; is it the right file?", maxConfigBytes)}
+		return nil, &ConfigError{File: path, Msg: fmt.Sprintf("file is larger than %d bytes (1 MiB), expected a small TOML config; is it the right file?", maxConfigBytes)}
 	}
 	return parseConfig(path, data)
 }
@@ -133,7 +111,6 @@ func parseConfig(file string, data []byte) (*Config, error) {
 	if err != nil {
 		return nil, err
 	}
-	cfg.Path = file
 	seen := make(map[string]int) // lower-case header name -> line of its name key
 	for _, t := range p.headers {
 		rule, err := p.buildHeader(t)
@@ -170,8 +147,22 @@ var tableKeys = map[string][]string{
 	"headers": {"name", "value", "mode"},
 }
 
-// integerKeys are the keys whose value is an integer; the others take a string.
-var integerKeys = []string{"timeout_secs", "max_connections", "max_body_bytes"}
+// intKeys are the integer keys, all optional, with their defaults and upper
+// limits (SPEC "Configuration"); each must be at least 1.
+var intKeys = map[string]struct {
+	def, max int64
+	note     string // what max means, for messages
+}{
+	// 60 s to wait for the upstream's response headers, and the longest
+	// silence allowed inside a streamed body. Over a day is surely a typo,
+	// and the cap keeps timeout_secs * time.Second far from overflow.
+	"timeout_secs": {60, 86400, " (24 hours)"},
+	// Proxied requests in flight; a million is far above what one pod with
+	// a 128 MiB memory limit can serve.
+	"max_connections": {1000, 1_000_000, ""},
+	// The cap is the shared budget for buffered request bodies (SPEC "Memory").
+	"max_body_bytes": {10 << 20, 64 << 20, " (64 MiB)"},
+}
 
 // parser turns the lines of one config file into tables. It reads each line
 // once and keeps no state beyond the tables seen so far.
@@ -181,11 +172,6 @@ type parser struct {
 	proxy   *table   // the [proxy] table, nil until seen
 	headers []*table // the [[headers]] entries in file order
 	cur     *table   // the table keys go to; nil before the first table header
-}
-
-// errorf returns a *ConfigError at the current line.
-func (p *parser) errorf(format string, args ...any) error {
-	return p.errorAt(p.line, format, args...)
 }
 
 // errorAt returns a *ConfigError at line (0: no line).
@@ -204,16 +190,12 @@ func (p *parser) parse(data []byte) error {
 	}
 	for line := range strings.SplitSeq(strings.TrimPrefix(text, "\xEF\xBB\xBF"), "\n") {
 		p.line++
-		line = strings.TrimSuffix(line, "\r") // CRLF line ends
-		if err := p.checkText(line); err != nil {
-			return err
-		}
-		sc := &scanner{input: line}
+		sc := &scanner{input: strings.TrimSuffix(line, "\r")} // CRLF line ends
+		err := p.checkText(sc.input)
 		sc.skipSpace()
-		var err error
-		switch sc.peek() {
-		case eof, '#': // blank or comment
-		case '[':
+		switch r := sc.peek(); {
+		case err != nil || r == eof || r == '#': // text refused, or a blank or comment line
+		case r == '[':
 			err = p.parseTableHeader(sc)
 		default:
 			err = p.parseKeyValue(sc)
@@ -232,13 +214,13 @@ func (p *parser) checkText(line string) error {
 		col := func() int { return utf8.RuneCountInString(line[:i]) + 1 }
 		switch {
 		case r == utf8.RuneError && !strings.HasPrefix(line[i:], "\uFFFD"):
-			return p.errorf("invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], col())
+			return p.errorAt(p.line, "invalid UTF-8 byte 0x%02x at column %d, expected UTF-8 text", line[i], col())
 		case r == 0:
-			return p.errorf("file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", col())
+			return p.errorAt(p.line, "file contains a NUL byte (column %d); it looks binary or UTF-16, expected UTF-8 text", col())
 		case r == '\r':
-			return p.errorf("carriage return (U+000D) at column %d is not allowed except before a line feed", col())
+			return p.errorAt(p.line, "carriage return (U+000D) at column %d is not allowed except before a line feed", col())
 		case isControl(r):
-			return p.errorf("control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, col())
+			return p.errorAt(p.line, "control character %U at column %d is not allowed (inside a \"...\" string, write it as a \\uXXXX escape)", r, col())
 		}
 	}
 	return nil
@@ -259,9 +241,9 @@ func (p *parser) parseTableHeader(sc *scanner) error {
 	closed := sc.accept("]") && (!array || sc.accept("]"))
 	switch {
 	case name == "tailscale":
-		return p.errorf("the [tailscale] section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section")
+		return p.errorAt(p.line, "the [tailscale] section is retired: tailnet exposure is now the Tailscale Operator's job (Service annotations) and the proxy has no tailnet settings; remove the section")
 	case !closed || !(name == "proxy" && !array || name == "headers" && array):
-		return p.errorf("invalid table header %s, expected [proxy] or [[headers]]", quote(strings.TrimRight(sc.input[start:], " \t")))
+		return p.errorAt(p.line, "invalid table header %s, expected [proxy] or [[headers]]", quote(strings.TrimRight(sc.input[start:], " \t")))
 	}
 	if err := p.endOfLine(sc, "table header "+sc.input[start:sc.pos]); err != nil {
 		return err
@@ -271,7 +253,7 @@ func (p *parser) parseTableHeader(sc *scanner) error {
 	case array:
 		p.headers = append(p.headers, t)
 	case p.proxy != nil:
-		return p.errorf("duplicate table [proxy], first defined on line %d", p.proxy.line)
+		return p.errorAt(p.line, "duplicate table [proxy], first defined on line %d", p.proxy.line)
 	default:
 		p.proxy = t
 	}
@@ -289,16 +271,16 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 	sc.skipSpace()
 	switch {
 	case key == "":
-		return p.errorf("expected a bare key (A-Z a-z 0-9 _ -), [table] or # comment, got %s", quote(sc.rest()))
+		return p.errorAt(p.line, "expected a bare key (A-Z a-z 0-9 _ -), [table] or # comment, got %s", quote(sc.rest()))
 	case sc.peek() == '.':
 		sc.acceptUntil("=")
-		return p.errorf("dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.TrimRight(sc.input[start:sc.pos], " \t")))
+		return p.errorAt(p.line, "dotted keys are not supported, expected a bare key under its [table], got %s", quote(strings.TrimRight(sc.input[start:sc.pos], " \t")))
 	case sc.peek() == eof:
-		return p.errorf("expected \"=\" after key %s, got end of line", cut(key, maxShown))
+		return p.errorAt(p.line, "expected \"=\" after key %s, got end of line", cut(key, maxShown))
 	case !sc.accept("="):
-		return p.errorf("expected \"=\" after key %s, got %s", cut(key, maxShown), quote(sc.rest()))
+		return p.errorAt(p.line, "expected \"=\" after key %s, got %s", cut(key, maxShown), quote(sc.rest()))
 	case p.cur == nil:
-		return p.errorf("key %s appears before any table, expected a [proxy] or [[headers]] table header first", cut(key, maxShown))
+		return p.errorAt(p.line, "key %s appears before any table, expected a [proxy] or [[headers]] table header first", cut(key, maxShown))
 	}
 	name := p.cur.name + "." + key
 	if !slices.Contains(tableKeys[p.cur.name], key) {
@@ -308,12 +290,12 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 		} else if slices.Contains(tableKeys["headers"], key) {
 			hint = " (" + key + " belongs under [[headers]])"
 		}
-		return p.errorf("unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(tableKeys[p.cur.name], ", "), hint)
+		return p.errorAt(p.line, "unknown key %s, expected one of %s%s", cut(name, maxShown), strings.Join(tableKeys[p.cur.name], ", "), hint)
 	}
 	if prev, dup := p.cur.keys[key]; dup {
-		return p.errorf("duplicate key %s, first set on line %d", name, prev.line)
+		return p.errorAt(p.line, "duplicate key %s, first set on line %d", name, prev.line)
 	}
-	v, err := p.lexValue(sc, name, slices.Contains(integerKeys, key))
+	v, err := p.lexValue(sc, name, intKeys[key].max > 0)
 	if err != nil {
 		return err
 	}
@@ -326,7 +308,7 @@ func (p *parser) parseKeyValue(sc *scanner) error {
 func (p *parser) endOfLine(sc *scanner, what string) error {
 	sc.skipSpace()
 	if r := sc.peek(); r != eof && r != '#' {
-		return p.errorf("trailing garbage after %s, expected end of line or # comment, got %s", what, quote(strings.TrimRight(sc.rest(), " \t")))
+		return p.errorAt(p.line, "trailing garbage after %s, expected end of line or # comment, got %s", what, quote(strings.TrimRight(sc.rest(), " \t")))
 	}
 	return nil
 }
@@ -347,7 +329,7 @@ func (p *parser) lexValue(sc *scanner, name string, integer bool) (value, error)
 	case r == eof || r == '#':
 		got = "nothing"
 	case strings.HasPrefix(rest, `"""`) || strings.HasPrefix(rest, "'''"):
-		return value{}, p.errorf("%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
+		return value{}, p.errorAt(p.line, "%s: multi-line strings are not supported, expected a single-line \"...\" or '...' string", name)
 	case r == '"' || r == '\'':
 		s, err := p.lexString(sc, name)
 		if err != nil || !integer {
@@ -370,7 +352,7 @@ func (p *parser) lexValue(sc *scanner, name string, integer bool) (value, error)
 			return value{str: tok, num: n}, nil
 		}
 	}
-	return value{}, p.errorf("%s must be %s, got %s", name, want, got)
+	return value{}, p.errorAt(p.line, "%s must be %s, got %s", name, want, got)
 }
 
 // isDecimal reports whether tok is a TOML decimal integer: an optional
@@ -397,7 +379,7 @@ func (p *parser) lexString(sc *scanner, name string) (string, error) {
 	for {
 		switch r := sc.next(); {
 		case r == eof:
-			return "", p.errorf("%s: unterminated string, expected a closing %c before the end of the line", name, delim)
+			return "", p.errorAt(p.line, "%s: unterminated string, expected a closing %c before the end of the line", name, delim)
 		case r == delim:
 			return b.String(), nil
 		case r == '\\' && delim == '"':
@@ -426,7 +408,7 @@ func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
 		hex := sc.input[start:sc.pos]
 		code, _ := strconv.ParseUint(hex, 16, 32)
 		if len(hex) < 4 || !utf8.ValidRune(rune(code)) {
-			return p.errorf(`%s: invalid escape \u%s, expected \u and 4 hex digits of a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
+			return p.errorAt(p.line, `%s: invalid escape \u%s, expected \u and 4 hex digits of a Unicode character (D800-DFFF are UTF-16 surrogates)`, name, hex)
 		}
 		b.WriteRune(rune(code))
 	case eof: // lexString reports the unterminated string
@@ -435,7 +417,7 @@ func (p *parser) lexEscape(sc *scanner, b *strings.Builder, name string) error {
 		if !unicode.IsPrint(r) {
 			esc = strconv.Quote(esc)
 		}
-		return p.errorf(`%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, esc)
+		return p.errorAt(p.line, `%s: invalid escape %s in string, expected one of \" \\ \n \t \r \uXXXX`, name, esc)
 	}
 	return nil
 }
@@ -531,59 +513,37 @@ func (p *parser) buildProxy() (*Config, error) {
 		}
 	}
 	addr, up := t.keys["listen_addr"], t.keys["upstream_url"]
-	if msg := checkListenAddr(addr.str); msg != "" {
-		return nil, p.errorAt(addr.line, "proxy.listen_addr %s", msg)
+	if !validListenAddr(addr.str) {
+		return nil, p.errorAt(addr.line, "proxy.listen_addr must be host:port (host: an IP address, a host name or empty; port: 0 to 65535), such as \"127.0.0.1:8080\", \"[::1]:8080\" or \":8080\", got %s", quote(addr.str))
 	}
 	u, msg := checkUpstream(up.str)
 	if msg != "" {
 		return nil, p.errorAt(up.line, "proxy.upstream_url %s", msg)
 	}
-	secs, err1 := p.intKey(t, "timeout_secs", defaultTimeoutSecs, maxTimeoutSecs, " (24 hours)")
-	conns, err2 := p.intKey(t, "max_connections", defaultMaxConnections, maxMaxConnections, "")
-	body, err3 := p.intKey(t, "max_body_bytes", defaultMaxBodyBytes, maxMaxBodyBytes, " (64 MiB)")
-	if err := cmp.Or(err1, err2, err3); err != nil {
-		return nil, err
-	}
-	return &Config{ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(secs) * time.Second,
-		MaxConnections: int(conns), MaxBodyBytes: body}, nil
-}
-
-// intKey returns the integer key of t, def when absent, checking that it is
-// in 1..limit; note explains limit in the message.
-func (p *parser) intKey(t *table, key string, def, limit int64, note string) (int64, error) {
-	v, ok := t.keys[key]
-	switch {
-	case !ok:
-		return def, nil
-	case v.num <= 0:
-		return 0, p.errorAt(v.line, "%s.%s must be greater than 0, got %s", t.name, key, cut(v.str, maxShown))
-	case v.num > limit:
-		return 0, p.errorAt(v.line, "%s.%s must be at most %d%s, got %s", t.name, key, limit, note, cut(v.str, maxShown))
-	}
-	return v.num, nil
-}
-
-// checkListenAddr checks addr is host:port with a numeric port in 0..65535
-// and a host that is empty, an IP address or a host name. It returns what
-// is wrong, to follow "proxy.listen_addr", or "".
-func checkListenAddr(addr string) string {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		var ae *net.AddrError
-		if errors.As(err, &ae) {
-			err = errors.New(ae.Err)
+	for _, key := range tableKeys["proxy"] { // a fixed order: the first error is always the same
+		v, ok := t.keys[key]
+		lim, integer := intKeys[key]
+		switch {
+		case !integer:
+		case !ok:
+			t.keys[key] = value{num: lim.def}
+		case v.num < 1 || v.num > lim.max:
+			return nil, p.errorAt(v.line, "proxy.%s must be from 1 to %d%s, got %s", key, lim.max, lim.note, cut(v.str, maxShown))
 		}
-		return fmt.Sprintf("must be host:port such as \"127.0.0.1:8080\", got %s (%v)", quote(addr), err)
 	}
-	if _, err := strconv.ParseUint(port, 10, 16); err != nil { // no sign, no "_", no service names
-		return fmt.Sprintf("port must be a number from 0 to 65535, got %s", quote(port))
-	}
-	// A host name needs only the characters of a DNS name: letters, digits, '-', '.'.
+	return &Config{Path: p.file, ListenAddr: addr.str, Upstream: u, Timeout: time.Duration(t.keys["timeout_secs"].num) * time.Second,
+		MaxConnections: int(t.keys["max_connections"].num), MaxBodyBytes: t.keys["max_body_bytes"].num}, nil
+}
+
+// validListenAddr reports whether addr is host:port with a port in 0..65535
+// in decimal digits (no sign, "_" or service name) and a host that is empty,
+// an IP address or a host name (letters, digits, '-' and '.', as in DNS).
+func validListenAddr(addr string) bool {
+	host, port, err := net.SplitHostPort(addr)
+	_, perr := strconv.ParseUint(port, 10, 16)
+	_, herr := netip.ParseAddr(host)
 	isName := strings.Trim(host, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-.") == "" && strings.Trim(host, ".") != ""
-	if _, err := netip.ParseAddr(host); err != nil && host != "" && !isName {
-		return fmt.Sprintf("host must be an IP address or a host name, got %s", quote(host))
-	}
-	return ""
+	return err == nil && perr == nil && (herr == nil || host == "" || isName)
 }
 
 // checkUpstream parses raw as the upstream URL: http or https, with a host,
@@ -594,31 +554,25 @@ func checkUpstream(raw string) (*url.URL, string) {
 	shown := quote(redactURL(raw))
 	u, err := url.Parse(raw)
 	if err != nil {
-		var ue *url.Error
-		if errors.As(err, &ue) {
-			err = ue.Err
-		}
+		err = cmp.Or(errors.Unwrap(err), err) // the *url.Error's cause, without the URL
 		return nil, fmt.Sprintf("must be a valid URL, got %s (%s)", shown, cut(err.Error(), 2*maxShown))
 	}
+	// u.Port() is "" both for no port and for an empty one ("host:").
+	port := u.Port()
+	n, perr := strconv.ParseUint(port, 10, 16)
 	switch {
 	case u.Scheme == "":
 		return nil, fmt.Sprintf("must be an http or https URL such as \"https://api.anthropic.com\", got %s", shown)
-	case u.Scheme != "http" && u.Scheme != "https":
+	case u.Scheme != "http" && u.Scheme != "https": // shown could hold a password: "user:pass@host" has scheme "user"
 		return nil, fmt.Sprintf("must use http or https, got scheme %s", quote(u.Scheme))
 	case u.User != nil:
 		return nil, fmt.Sprintf("must not contain a user name or password (credentials never belong in the config; clients send their own), got %s", shown)
 	case u.Hostname() == "":
 		return nil, fmt.Sprintf("must name a host, got %s", shown)
-	case u.RawQuery != "" || u.ForceQuery:
-		return nil, fmt.Sprintf("must not have a query (the client's query is sent), got %s", shown)
-	case strings.Contains(raw, "#"):
-		return nil, fmt.Sprintf("must not have a fragment (#...), got %s", shown)
-	}
-	// u.Port() is "" both for no port and for an empty one ("host:").
-	if port := u.Port(); port != "" || strings.HasSuffix(u.Host, ":") {
-		if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
-			return nil, fmt.Sprintf("port must be a number from 1 to 65535, got %s", quote(port))
-		}
+	case u.RawQuery != "" || u.ForceQuery || strings.Contains(raw, "#"):
+		return nil, fmt.Sprintf("must not have a query or fragment (the client's path and query are appended to it), got %s", shown)
+	case (port != "" || strings.HasSuffix(u.Host, ":")) && (perr != nil || n == 0):
+		return nil, fmt.Sprintf("port must be a number from 1 to 65535, got %s", quote(port))
 	}
 	return u, ""
 }
@@ -646,13 +600,16 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	m, hasMode := t.keys["mode"]
 	mode := slices.Index(headerModeNames[:], m.str) // -1 when absent or unknown
 	rule := HeaderRule{Name: name.str, Value: v.str, Mode: HeaderMode(max(mode, 0)), Line: t.line}
-	why := refusedHeader(strings.ToLower(name.str))
+	why := refusedHeaders[strings.ToLower(name.str)]
+	if slices.ContainsFunc(hopHeaders[:], func(h string) bool { return strings.EqualFold(h, name.str) }) {
+		why = "it is a hop-by-hop header, removed before the request is forwarded"
+	}
 	ctl := strings.IndexFunc(v.str, isControl) // a control character is one byte
 	var err error
 	switch {
 	case !hasName:
 		err = p.errorAt(t.line, "[[headers]] entry has no name, expected name = \"header-name\"")
-	case !isToken(name.str):
+	case name.str == "" || strings.Trim(name.str, tokenChars) != "":
 		err = p.errorAt(name.line, "headers.name must be an HTTP header name (letters, digits and !#$%%&'*+-.^_`|~), got %s", quote(name.str))
 	case why != "":
 		err = p.errorAt(name.line, "header %s cannot be configured: %s", quote(name.str), why)
@@ -661,10 +618,8 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	case rule.Mode == HeaderRemove && hasValue:
 		err = p.errorAt(v.line, "headers.value must be absent when mode is \"remove\" (header %s is deleted, not given a value)", quote(rule.Name))
 	case rule.Mode == HeaderRemove: // no value to check
-	case !hasValue:
-		err = p.errorAt(t.line, "header %s has no value, expected value = \"...\" (mode %q needs one)", quote(rule.Name), rule.Mode)
-	case v.str == "":
-		err = p.errorAt(v.line, "headers.value must not be empty for mode %q (use mode = \"remove\" to delete header %s)", rule.Mode, quote(rule.Name))
+	case v.str == "": // absent (no line: the entry's) or empty
+		err = p.errorAt(cmp.Or(v.line, t.line), "header %s needs a non-empty value = \"...\" for mode %q (use mode = \"remove\" to delete the header)", quote(rule.Name), rule.Mode)
 	case rule.Mode == HeaderAppend && strings.Trim(v.str, " \t,") == "":
 		err = p.errorAt(v.line, "headers.value must hold at least one token for mode \"append\", got %s", quote(v.str))
 	case strings.Trim(v.str, " \t") != v.str:
@@ -677,28 +632,14 @@ func (p *parser) buildHeader(t *table) (HeaderRule, error) {
 	return rule, err
 }
 
-// isToken reports whether s is an HTTP token (RFC 9110 section 5.6.2), the
-// syntax of a header name.
-func isToken(s string) bool {
-	const tchars = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-	return s != "" && strings.Trim(s, tchars) == ""
-}
+// tokenChars are the characters of an HTTP token (RFC 9110 section 5.6.2),
+// the syntax of a header name.
+const tokenChars = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
-// refusedHeader returns why the header lower (a lower-case name) can never
-// be configured, or "".
-func refusedHeader(lower string) string {
-	switch lower {
-	case "authorization":
-		return "the client's Authorization always passes through untouched, and the proxy holds no credentials"
-	case "host":
-		return "Host is always the upstream's host"
-	case "content-length":
-		return "it is set from the request body"
-	}
-	for _, h := range hopHeaders {
-		if strings.EqualFold(h, lower) {
-			return "it is a hop-by-hop header, removed before the request is forwarded"
-		}
-	}
-	return ""
+// refusedHeaders says why a header, by lower-case name, can never be
+// configured; the hop-by-hop headers (hopHeaders) are refused too.
+var refusedHeaders = map[string]string{
+	"authorization":  "the client's Authorization always passes through untouched, and the proxy holds no credentials",
+	"host":           "Host is always the upstream's host",
+	"content-length": "it is set from the request body",
 }

@@ -167,7 +167,7 @@ func TestBadInputExitsOneWithOneLine(t *testing.T) {
 		{"bad scheme", strings.Replace(base, "https://api.anthropic.com", "ftp://api.anthropic.com", 1), nil, ":3: "},
 		{"no host", strings.Replace(base, "https://api.anthropic.com", "https://", 1), nil, ":3: "},
 		{"empty upstream port", strings.Replace(base, "https://api.anthropic.com", "https://127.0.0.1:", 1), nil, ":3: proxy.upstream_url port"},
-		{"empty listen port", strings.Replace(base, `"127.0.0.1:0"`, `"127.0.0.1:"`, 1), nil, ":2: proxy.listen_addr port"},
+		{"empty listen port", strings.Replace(base, `"127.0.0.1:0"`, `"127.0.0.1:"`, 1), nil, ":2: proxy.listen_addr must be host:port"},
 		{"timeout zero", strings.Replace(base, "timeout_secs = 5", "timeout_secs = 0", 1), nil, ":4: "},
 		{"timeout string", strings.Replace(base, "timeout_secs = 5", `timeout_secs = "5"`, 1), nil, ":4: "},
 		{"max_connections zero", base + "", nil, ""},
