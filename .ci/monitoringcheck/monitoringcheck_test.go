@@ -7,30 +7,16 @@ import (
 )
 
 func TestMetricNames(t *testing.T) {
-	for _, tc := range []struct {
-		expr string
-		want []string
-	}{
-		{`up`, []string{"up"}},
-		{`sum by (status) (rate(proxy_requests_total{job="j", status=~"5.."}[5m]))`, []string{"proxy_requests_total"}},
-		{`histogram_quantile(0.99, sum by (le) (rate(proxy_request_duration_seconds_bucket{job="x"}[5m])))`, []string{"proxy_request_duration_seconds_bucket"}},
-		{`a / on (job) group_left (pod) b > bool 1e-3 and c offset 1h30m unless d @ start()`, []string{"a", "b", "c", "d"}},
-		{"max without (instance) (m1) # a comment naming not_a_metric\n- min(m2)", []string{"m1", "m2"}},
-		{`sum(x{l="{a}", m='b]'}) + count_values("value", y) + topk by (z) (3, w) + Inf + NaN`, []string{"x", "y", "w"}},
-		{`label_replace(q, "dst", "$1", "src", "(.*)") - time() + vector(0.5) + .5`, []string{"q"}},
-		{`max_over_time(x[1h:5m]) - sum(x)`, []string{"x"}},
-		{`avg (m:rule:rate5m)`, []string{"m:rule:rate5m"}},
+	for expr, want := range map[string][]string{
+		`sum by (le) (rate(b_bucket{le=~"0.5|1"}[5m])) / on (job) group_left a`:  {"a", "b_bucket"},
+		`max_over_time(x[1h:5m]) - sum(x offset 1h) + topk by (z) (3, w)`:        {"w", "x"},
+		`label_replace(q, "dst", "$1", "src", "(.*)") - time() # c_in_a_comment`: {"q"},
 	} {
-		got, err := metricNames(tc.expr)
-		if err != nil {
-			t.Errorf("metricNames(%q): %v", tc.expr, err)
-			continue
-		}
-		if !slices.Equal(got, tc.want) {
-			t.Errorf("metricNames(%q) = %q, want %q", tc.expr, got, tc.want)
+		if got, err := metricNames(expr); err != nil || !slices.Equal(got, want) {
+			t.Errorf("metricNames(%q) = %q, %v; want %q", expr, got, err, want)
 		}
 	}
-	for _, expr := range []string{`{__name__=~"proxy_.*"}`, `sum({job="x"})`, `x{a="b"`, `rate(x[5m)`, `x{a="b}`} {
+	for _, expr := range []string{`{__name__=~"proxy_.*"}`, `sum({job="x"})`, `rate(x[5m)`, `1 + time()`} {
 		if got, err := metricNames(expr); err == nil {
 			t.Errorf("metricNames(%q) = %q, want an error", expr, got)
 		}
