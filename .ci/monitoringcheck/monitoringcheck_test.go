@@ -23,51 +23,23 @@ func TestMetricNames(t *testing.T) {
 	}
 }
 
-func TestSubstitute(t *testing.T) {
+func TestVariables(t *testing.T) {
 	vals := map[string]string{"job": "kubernetes-pods", "org": ".*"}
-	got, err := substitute(`rate(m{job="$job", o=~"${org}", p=~"[[org]]", q="${job:raw}"}[$__rate_interval]) offset $__range`, vals)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := `rate(m{job="kubernetes-pods", o=~".*", p=~".*", q="kubernetes-pods"}[5m]) offset 5m`
-	if got != want {
-		t.Errorf("got  %s\nwant %s", got, want)
+	got, err := substitute(`m{job="$job", o=~"${org}", p=~"[[org]]", q="${job:raw}"}[$__rate_interval]`, vals)
+	if want := `m{job="kubernetes-pods", o=~".*", p=~".*", q="kubernetes-pods"}[5m]`; err != nil || got != want {
+		t.Errorf("substitute: got %s, %v\nwant %s", got, err, want)
 	}
 	if _, err := substitute(`m{job="$jbo"}`, vals); err == nil || !strings.Contains(err.Error(), "$jbo") {
 		t.Errorf("an unknown variable: err = %v, want one naming $jbo", err)
 	}
-}
-
-func TestVariableQueryExpr(t *testing.T) {
-	for q, want := range map[string]string{
-		`label_values(m{job="$job"}, namespace)`: `m{job="$job"}`,
-		`label_values(namespace)`:                "",
-		`query_result(sum(m))`:                   `sum(m)`,
-		`label_names()`:                          "",
-	} {
-		if got := variableQueryExpr(q); got != want {
-			t.Errorf("variableQueryExpr(%q) = %q, want %q", q, got, want)
-		}
-	}
-}
-
-func TestCurrentValue(t *testing.T) {
-	for raw, want := range map[string]string{
-		`"a"`:        "a",
-		`["a","b"]`:  "a|b",
-		`["$__all"]`: ".*",
-		`"$__all"`:   ".*",
-	} {
+	for raw, want := range map[string]string{`"a"`: "a", `["a","b"]`: "a|b", `["$__all"]`: ".*",
+		`"$__all"`: "o.*"} {
 		v := variable{Name: "v"}
-		v.Current.Value = []byte(raw)
-		got, err := v.currentValue()
-		if err != nil || got != want {
+		if v.Current.Value = []byte(raw); raw == `"$__all"` {
+			v.AllValue = "o.*"
+		}
+		if got, err := v.value(); err != nil || got != want {
 			t.Errorf("current value %s: got %q, %v; want %q", raw, got, err, want)
 		}
-	}
-	v := variable{Name: "v", AllValue: "org-.*"}
-	v.Current.Value = []byte(`"$__all"`)
-	if got, _ := v.currentValue(); got != "org-.*" {
-		t.Errorf("All with allValue: got %q", got)
 	}
 }
