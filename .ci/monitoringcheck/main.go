@@ -1,24 +1,13 @@
-// Command monitoringcheck verifies oauth-proxy's monitoring files in
-// k8s/monitoring and writes what promtool needs to check them further.
-// .ci/monitoring runs it.
+// Command monitoringcheck checks oauth-proxy's monitoring files and writes
+// what promtool needs to check them further. .ci/monitoring runs it:
 //
-//	monitoringcheck rules -repo DIR -rendered FILE -out FILE
+//	monitoringcheck -repo DIR -rendered FILE -rules FILE -dashboard-rules FILE
 //
-// checks the output of kubectl kustomize k8s/monitoring (a PrometheusRule
-// and the dashboard's ConfigMap, in the base's namespace), the alerts'
-// labels and annotations, and that k8s/monitoring/tests holds a firing and
-// a silent test case for every alert; writes the PrometheusRule's spec to
-// -out as a plain rules file for promtool check rules and test rules.
-//
-//	monitoringcheck dashboard -repo DIR -out FILE
-//
-// checks k8s/monitoring/dashboard.json: its ${datasource} variable, that
-// every panel and query uses it, and that its queries (and its variables'
-// label_values queries) name only metrics the proxy exports; writes each
-// query, with the variables replaced by their current values, as a
-// recording rule to -out, for promtool check rules to parse.
-//
-// Each invariant prints one line, "ok" or "FAIL"; the exit code is 1 if any failed.
+// It checks the output of kubectl kustomize k8s/monitoring (-rendered), the
+// alerts, their tests in k8s/monitoring/tests and dashboard.json; it writes
+// the PrometheusRule's spec to -rules, for promtool check rules and test
+// rules, and the dashboard's queries as recording rules to -dashboard-rules.
+// Each check prints one line, "ok" or "FAIL"; the exit code is 1 if any failed.
 package main
 
 import (
@@ -28,7 +17,26 @@ import (
 	"os"
 )
 
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	repo := flag.String("repo", ".", "repository root")
+	rendered := flag.String("rendered", "", "output of kubectl kustomize k8s/monitoring")
+	rules := flag.String("rules", "", "the PrometheusRule's rules file to write")
+	dashboardRules := flag.String("dashboard-rules", "", "the dashboard queries' rules file to write")
+	flag.Parse()
+	if *rendered == "" || *rules == "" || *dashboardRules == "" || flag.NArg() > 0 {
+		flag.Usage()
+		os.Exit(2)
+	}
+	r := &report{w: os.Stdout}
+	if err := check(r, *repo, *rendered, *rules, *dashboardRules); err != nil {
+		fmt.Fprintf(os.Stderr, "monitoringcheck: %v\n", err)
+		os.Exit(1)
+	}
+	if r.failures > 0 {
+		fmt.Printf("%d check(s) failed\n", r.failures)
+		os.Exit(1)
+	}
+}
 
 // report prints one line per check and counts the failures.
 type report struct {
@@ -37,62 +45,46 @@ type report struct {
 }
 
 func (r *report) check(what string, f func() (string, error)) {
-	detail, err := f()
-	if err != nil {
+	switch detail, err := f(); {
+	case err != nil:
 		r.failures++
 		fmt.Fprintf(r.w, "  FAIL %s: %v\n", what, err)
-		return
-	}
-	if detail != "" {
+	case detail != "":
 		fmt.Fprintf(r.w, "  ok   %s: %s\n", what, detail)
-	} else {
+	default:
 		fmt.Fprintf(r.w, "  ok   %s\n", what)
 	}
 }
 
-func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintln(stderr, "usage: monitoringcheck rules|dashboard [flags]")
-		return 2
+// check runs every check; it returns an error only for files it cannot read.
+func check(r *report, repo, rendered, rulesOut, dashboardOut string) error {
+	in, err := load(repo, rendered, rulesOut, dashboardOut)
+	if err != nil {
+		return err
 	}
-	fs := flag.NewFlagSet("monitoringcheck "+args[0], flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	repo := fs.String("repo", ".", "repository root")
-	out := fs.String("out", "", "the rules file to write")
-	r := &report{w: stdout}
-	switch args[0] {
-	case "rules":
-		rendered := fs.String("rendered", "", "output of kubectl kustomize k8s/monitoring")
-		if fs.Parse(args[1:]) != nil {
-			return 2
-		}
-		if *rendered == "" || *out == "" {
-			fmt.Fprintln(stderr, "monitoringcheck rules: -rendered and -out are required")
-			return 2
-		}
-		if err := checkRules(r, *repo, *rendered, *out); err != nil {
-			fmt.Fprintf(stderr, "monitoringcheck rules: %v\n", err)
-			return 1
-		}
-	case "dashboard":
-		if fs.Parse(args[1:]) != nil {
-			return 2
-		}
-		if *out == "" {
-			fmt.Fprintln(stderr, "monitoringcheck dashboard: -out is required")
-			return 2
-		}
-		if err := checkDashboard(r, *repo, *out); err != nil {
-			fmt.Fprintf(stderr, "monitoringcheck dashboard: %v\n", err)
-			return 1
-		}
-	default:
-		fmt.Fprintf(stderr, "monitoringcheck: unknown command %q, want rules or dashboard\n", args[0])
-		return 2
-	}
-	if r.failures > 0 {
-		fmt.Fprintf(stdout, "%d check(s) failed\n", r.failures)
-		return 1
-	}
-	return 0
+	r.check("kubectl kustomize k8s/monitoring renders one PrometheusRule and one ConfigMap, "+
+		"in the base's namespace", in.checkObjects)
+	r.check("they decode strictly as the Prometheus Operator's PrometheusRule and a ConfigMap: no unknown field",
+		func() (string, error) { return "", problems(in.strict) })
+	r.check("the dashboard ConfigMap is labelled for the Grafana sidecar and holds dashboard.json unchanged",
+		in.checkConfigMap)
+	r.check("the PrometheusRule's spec is written as a plain rules file for promtool, as the operator writes it",
+		in.writeRules)
+	r.check("every alert is named once and has a severity label and summary, description and runbook annotations",
+		in.checkAlerts)
+	r.check("every alert selects the proxy's job and the base's namespace, as the dashboard's variables do",
+		in.checkSelectors)
+	r.check("k8s/monitoring/tests: every alert has a test case where it fires and one where it does not",
+		in.checkTests)
+	r.check("dashboard.json has a uid, a title and a ${datasource} variable of Prometheus data sources",
+		in.checkDashboard)
+	r.check("every panel, query and query variable uses the ${datasource} variable", func() (string, error) {
+		return fmt.Sprintf("%d queries", len(in.queries)), problems(in.notDatasource)
+	})
+	r.check("every query's variables are defined; they are replaced by their current values, built-ins by 5m",
+		func() (string, error) { return in.varsText, problems(in.unknownVariables) })
+	r.check("the queries are written as recording rules for promtool check rules", in.writeDashboardRules)
+	r.check("the alerts and the dashboard's queries parse as PromQL and name only metrics of "+
+		"testdata/metrics.golden, SPEC's plan usage metrics and up", in.checkMetricNames)
+	return nil
 }

@@ -1,153 +1,136 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/promql/parser"
 )
 
-// PromQL words that are never metric names. Functions need no list: a name
-// followed by "(" is a call. Aggregations may be followed by by/without
-// before their "(", so they are listed.
-var (
-	groupingWords    = []string{"by", "without", "on", "ignoring", "group_left", "group_right"}
-	operatorWords    = []string{"and", "or", "unless", "atan2", "bool", "offset"}
-	aggregationWords = []string{
-		"sum", "min", "max", "avg", "group", "stddev", "stdvar", "count",
-		"count_values", "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+// promql parses as a Prometheus server does by default: no experimental functions.
+var promql = parser.NewParser(parser.Options{})
+
+// usageMetrics are the metrics of SPEC "Claude plan usage", which the
+// dashboard and the alerts may name before testdata/metrics.golden lists them.
+var usageMetrics = []string{
+	"anthropic_ratelimit_unified_utilization", "anthropic_ratelimit_unified_reset_timestamp_seconds",
+	"anthropic_ratelimit_unified_status", "anthropic_ratelimit_unified_representative_claim",
+	"anthropic_ratelimit_limit", "anthropic_ratelimit_remaining", "anthropic_tokens_total",
+	"anthropic_usage_parse_errors_total", "anthropic_usage_skipped_total",
+}
+
+// selectors parses expr and returns its vector selectors, those of range
+// vectors and subqueries included.
+func selectors(expr string) (vs []*parser.VectorSelector, err error) {
+	e, err := promql.ParseExpr(expr)
+	if err == nil {
+		parser.Inspect(e, func(n parser.Node, _ []parser.Node) error {
+			if v, ok := n.(*parser.VectorSelector); ok {
+				vs = append(vs, v)
+			}
+			return nil
+		})
 	}
-	numberWords = []string{"inf", "nan"}
-)
+	return vs, err
+}
 
-// metricNames returns the metric names that the vector selectors of expr
-// name, in order of first appearance. It is a lexer, not a parser: expr must
-// already be valid PromQL (promtool checks that). A selector without a
-// metric name ({__name__=~"..."} or {job="x"}) is an error, as its metrics
-// could not be checked.
+// equalTo returns the value of v's label="value" matcher on label, "" if it has none.
+func equalTo(v *parser.VectorSelector, label string) string {
+	for _, m := range v.LabelMatchers {
+		if m.Name == label && m.Type == labels.MatchEqual {
+			return m.Value
+		}
+	}
+	return ""
+}
+
+// metricNames returns the metric names that expr selects, sorted. A selector
+// without a metric name ({__name__=~"..."} or {job="x"}) is an error, as its
+// metrics could not be checked.
 func metricNames(expr string) ([]string, error) {
+	vs, err := selectors(expr)
+	if err == nil && len(vs) == 0 {
+		err = errors.New("names no metric")
+	}
 	var names []string
-	i := 0
-	n := len(expr)
-	for i < n {
-		c := expr[i]
-		switch {
-		case c == '#': // comment to the end of the line
-			for i < n && expr[i] != '\n' {
-				i++
-			}
-		case c == '"' || c == '\'' || c == '`':
-			j, err := skipString(expr, i)
-			if err != nil {
-				return nil, err
-			}
-			i = j
-		case c == '{':
-			return nil, fmt.Errorf("a selector without a metric name at offset %d: %q", i, tail(expr, i))
-		case c == '[':
-			j, err := skipBalanced(expr, i, '[', ']')
-			if err != nil {
-				return nil, err
-			}
-			i = j
-		case isDigit(c) || (c == '.' && i+1 < n && isDigit(expr[i+1])):
-			// A number or a duration: 0.9, 1e3, 0x1f, 5m, 1h30m.
-			for i < n && (isIdentChar(expr[i]) || expr[i] == '.' ||
-				((expr[i] == '+' || expr[i] == '-') && (expr[i-1] == 'e' || expr[i-1] == 'E'))) {
-				i++
-			}
-		case isIdentStart(c):
-			j := i
-			for j < n && isIdentChar(expr[j]) {
-				j++
-			}
-			word := expr[i:j]
-			k := j
-			for k < n && isSpace(expr[k]) {
-				k++
-			}
-			next := byte(0)
-			if k < n {
-				next = expr[k]
-			}
-			i = j
-			lower := strings.ToLower(word)
-			switch {
-			case slices.Contains(groupingWords, lower):
-				if next == '(' {
-					end, err := skipBalanced(expr, k, '(', ')')
-					if err != nil {
-						return nil, err
-					}
-					i = end
-				}
-			case slices.Contains(operatorWords, lower), slices.Contains(numberWords, lower):
-			case next == '(': // a function or aggregation call
-			case slices.Contains(aggregationWords, lower):
-			default:
-				if !slices.Contains(names, word) {
-					names = append(names, word)
-				}
-				if next == '{' { // its label matchers
-					end, err := skipBalanced(expr, k, '{', '}')
-					if err != nil {
-						return nil, err
-					}
-					i = end
-				}
-			}
+	for _, v := range vs {
+		if v.Name == "" && err == nil {
+			err = fmt.Errorf("a selector without a metric name: %s", v)
+		}
+		names = append(names, v.Name)
+	}
+	slices.Sort(names)
+	return slices.Compact(names), err
+}
+
+// exportedMetrics reads the series names of a text exposition: each family's
+// name, and its _bucket, _sum and _count series.
+func exportedMetrics(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := p.TextToMetricFamilies(f)
+	var names []string
+	for name, mf := range families {
+		switch mf.GetType() {
+		case dto.MetricType_HISTOGRAM, dto.MetricType_GAUGE_HISTOGRAM:
+			names = append(names, name+"_bucket", name+"_sum", name+"_count")
+		case dto.MetricType_SUMMARY:
+			names = append(names, name, name+"_sum", name+"_count")
 		default:
-			i++
+			names = append(names, name)
 		}
 	}
-	return names, nil
+	return names, err
 }
 
-// skipString returns the offset after the string literal that starts at i.
-func skipString(s string, i int) (int, error) {
-	q := s[i]
-	for j := i + 1; j < len(s); j++ {
-		switch {
-		case s[j] == '\\' && q != '`':
-			j++
-		case s[j] == q:
-			return j + 1, nil
-		}
+// query is one PromQL expression to check.
+type query struct {
+	where string // panel, variable or alert, for messages
+	name  string // the recording rule's name
+	expr  string // with the dashboard's variables replaced
+}
+
+// checkMetricNames parses the alerts and the dashboard's queries and checks
+// that they name only metrics the proxy exports; it returns the names used.
+func (in *inputs) checkMetricNames() (string, error) {
+	golden, err := exportedMetrics(filepath.Join(in.repo, "testdata", "metrics.golden"))
+	if err == nil && len(golden) == 0 {
+		err = errors.New("no metric")
 	}
-	return 0, fmt.Errorf("unterminated string at offset %d", i)
-}
-
-// skipBalanced returns the offset after the close that matches the open at
-// i, skipping string literals.
-func skipBalanced(s string, i int, open, close byte) (int, error) {
-	depth := 0
-	for j := i; j < len(s); j++ {
-		switch s[j] {
-		case '"', '\'', '`':
-			end, err := skipString(s, j)
-			if err != nil {
-				return 0, err
+	if err != nil {
+		return "", fmt.Errorf("testdata/metrics.golden: %v", err)
+	}
+	allowed := slices.Concat(golden, usageMetrics, []string{"up"})
+	qs := slices.Clone(in.queries)
+	for _, a := range in.alerts {
+		qs = append(qs, query{where: a.Alert, expr: a.Expr.String()})
+	}
+	var used, ps []string
+	for _, q := range qs {
+		names, err := metricNames(q.expr)
+		if err != nil {
+			ps = append(ps, fmt.Sprintf("%s: %v", q.where, err))
+			continue
+		}
+		for _, name := range names {
+			if !slices.Contains(allowed, name) {
+				ps = append(ps, fmt.Sprintf("%s: %s is not a metric the proxy exports", q.where, name))
 			}
-			j = end - 1
-		case open:
-			depth++
-		case close:
-			depth--
-			if depth == 0 {
-				return j + 1, nil
-			}
 		}
+		used = append(used, names...)
 	}
-	return 0, fmt.Errorf("no %q to close the %q at offset %d", close, open, i)
+	slices.Sort(used)
+	return strings.Join(slices.Compact(used), " "), problems(ps)
 }
-
-func tail(s string, i int) string {
-	if len(s)-i > 40 {
-		return s[i:i+40] + "..."
-	}
-	return s[i:]
-}
-
-func isDigit(c byte) bool      { return c >= '0' && c <= '9' }
-func isIdentStart(c byte) bool { return c == '_' || c == ':' || (c|0x20 >= 'a' && c|0x20 <= 'z') }
-func isIdentChar(c byte) bool  { return isIdentStart(c) || isDigit(c) }
-func isSpace(c byte) bool      { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }

@@ -1,16 +1,22 @@
 package main
 
 import (
-	"encoding/json"
+	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
-	"sort"
 	"strings"
 
+	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
 
@@ -18,309 +24,260 @@ import (
 // of that name; configMapGenerator takes it from dashboard.json.
 const dashboardKey = "anthropic-oauth-proxy.json"
 
-// severities are the values an alert's severity label may take.
-var severities = []string{"critical", "warning", "info"}
+var (
+	severities  = []string{"critical", "warning", "info"}       // the values of an alert's severity label
+	annotations = []string{"summary", "description", "runbook"} // the annotations every alert carries
+)
 
-// annotationsWanted are the annotations every alert carries.
-var annotationsWanted = []string{"summary", "description", "runbook"}
-
-// object is one rendered manifest, as far as the checks read it.
-type object struct {
-	APIVersion string `json:"apiVersion"`
-	Kind       string `json:"kind"`
-	Metadata   struct {
-		Name      string            `json:"name"`
-		Namespace string            `json:"namespace"`
-		Labels    map[string]string `json:"labels"`
-	} `json:"metadata"`
-	Data map[string]string `json:"data"`
-	Spec json.RawMessage   `json:"spec"`
-}
-
-// ruleGroups is a Prometheus rules file, and the spec of a PrometheusRule.
-type ruleGroups struct {
-	Groups []ruleGroup `json:"groups"`
-}
-
-type ruleGroup struct {
-	Name  string `json:"name"`
-	Rules []rule `json:"rules"`
-}
-
-type rule struct {
-	Alert       string            `json:"alert,omitempty"`
-	Record      string            `json:"record,omitempty"`
-	Expr        string            `json:"expr"`
-	For         string            `json:"for,omitempty"`
-	Labels      map[string]string `json:"labels,omitempty"`
-	Annotations map[string]string `json:"annotations,omitempty"`
-}
-
-// testFile is a promtool test rules file, as far as the checks read it.
+// testFile is a promtool test rules file, as far as the checks read it
+// (promtool's own types are in its main package).
 type testFile struct {
 	RuleFiles []string `json:"rule_files"`
 	Tests     []struct {
 		Name          string `json:"name"`
 		AlertRuleTest []struct {
-			EvalTime  string            `json:"eval_time"`
-			Alertname string            `json:"alertname"`
-			ExpAlerts []json.RawMessage `json:"exp_alerts"`
+			Alertname string `json:"alertname"`
+			ExpAlerts []any  `json:"exp_alerts"`
 		} `json:"alert_rule_test"`
 	} `json:"tests"`
 }
 
-// splitDocuments parses kubectl kustomize output: YAML documents separated by "---" lines.
-func splitDocuments(data []byte) ([]object, error) {
-	var objs []object
-	for i, doc := range regexp.MustCompile(`(?m)^---[ \t]*$`).Split(string(data), -1) {
-		if strings.TrimSpace(doc) == "" {
-			continue
-		}
-		var o object
-		if err := yaml.Unmarshal([]byte(doc), &o); err != nil {
-			return nil, fmt.Errorf("document %d: %v", i+1, err)
-		}
-		objs = append(objs, o)
+// inputs are what the checks read, and the files they write.
+type inputs struct {
+	repo, ns               string                         // ns: the base kustomization's namespace
+	rulesOut, dashboardOut string                         // the rules files to write
+	objects                []metav1.PartialObjectMetadata // the objects kubectl kustomize k8s/monitoring renders
+	rule                   monitoringv1.PrometheusRule
+	cm                     corev1.ConfigMap
+	strict                 []string            // fields the types of rule and cm lack, duplicate keys
+	alerts                 []monitoringv1.Rule // the alerting rules of rule
+	dashboardJSON          []byte
+	dashboard              *dashboard
+	vars                   map[string]string // the dashboard variables' current values
+	varsText               string            // the same, for the report
+	queries                []query           // the dashboard's, variables replaced
+	notDatasource          []string          // panels, queries and variables without ${datasource}
+	unknownVariables       []string          // unknown variables, and queries that cannot be checked
+}
+
+func load(repo, rendered, rulesOut, dashboardOut string) (*inputs, error) {
+	in := &inputs{repo: repo, rulesOut: rulesOut, dashboardOut: dashboardOut}
+	data, err := os.ReadFile(rendered)
+	if err == nil {
+		in.ns, err = baseNamespace(repo)
 	}
-	return objs, nil
+	if err == nil {
+		in.dashboardJSON, err = os.ReadFile(filepath.Join(repo, "k8s", "monitoring", "dashboard.json"))
+	}
+	if err == nil {
+		err = in.readDashboard()
+	}
+	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	for err == nil {
+		if data, err = docs.Read(); err == nil {
+			err = in.decode(data)
+		}
+	}
+	if err != io.EOF {
+		return nil, err
+	}
+	for _, g := range in.rule.Spec.Groups {
+		for _, ru := range g.Rules {
+			if ru.Alert != "" {
+				in.alerts = append(in.alerts, ru)
+			}
+		}
+	}
+	return in, nil
+}
+
+// decode reads the metadata of one rendered object, and decodes a
+// PrometheusRule or a ConfigMap into its API type as the API server does with
+// strict field validation: a duplicate key, or a field the type lacks (names
+// are case-sensitive), is a problem, and the rest is decoded all the same.
+func (in *inputs) decode(doc []byte) error {
+	var o metav1.PartialObjectMetadata
+	if err := yaml.Unmarshal(doc, &o); err != nil {
+		return fmt.Errorf("a rendered object: %v", err)
+	} else if o.Kind == "" {
+		return nil // an empty document
+	}
+	in.objects = append(in.objects, o)
+	typed := map[string]any{"PrometheusRule": &in.rule, "ConfigMap": &in.cm}[o.Kind]
+	if typed == nil {
+		return nil
+	}
+	wrap := func(err error) string { return fmt.Sprintf("%s %s: %v", o.Kind, o.Name, err) }
+	j, err := yaml.YAMLToJSONStrict(doc)
+	if err != nil {
+		in.strict = append(in.strict, wrap(err))
+		j, err = yaml.YAMLToJSON(doc)
+	}
+	var unknown []error
+	if err == nil {
+		unknown, err = kjson.UnmarshalStrict(j, typed)
+	}
+	for _, u := range unknown {
+		in.strict = append(in.strict, wrap(u))
+	}
+	if err != nil {
+		return errors.New(wrap(err))
+	}
+	return nil
 }
 
 // baseNamespace reads the namespace of the base kustomization, k8s/kustomization.yaml.
 func baseNamespace(repo string) (string, error) {
-	data, err := os.ReadFile(filepath.Join(repo, "k8s", "kustomization.yaml"))
-	if err != nil {
-		return "", err
-	}
 	var k struct {
 		Namespace string `json:"namespace"`
 	}
-	if err := yaml.Unmarshal(data, &k); err != nil {
-		return "", fmt.Errorf("k8s/kustomization.yaml: %v", err)
+	data, err := os.ReadFile(filepath.Join(repo, "k8s", "kustomization.yaml"))
+	if err == nil {
+		err = yaml.Unmarshal(data, &k)
 	}
-	if k.Namespace == "" {
-		return "", errors.New("k8s/kustomization.yaml sets no namespace")
+	if err == nil && k.Namespace == "" {
+		err = errors.New("k8s/kustomization.yaml sets no namespace")
 	}
-	return k.Namespace, nil
+	return k.Namespace, err
 }
 
-// matcherValues returns the distinct values of the equality matchers
-// (label="value") on label in expr.
-func matcherValues(expr, label string) []string {
-	re := regexp.MustCompile(`[{,]\s*` + regexp.QuoteMeta(label) + `\s*=\s*"([^"]*)"`)
-	var vals []string
-	for _, m := range re.FindAllStringSubmatch(expr, -1) {
-		if !slices.Contains(vals, m[1]) {
-			vals = append(vals, m[1])
-		}
+// problems joins what a check found wrong into its error, nil if nothing.
+func problems(ps []string) error {
+	if len(ps) == 0 {
+		return nil
 	}
-	return vals
+	return errors.New(strings.Join(ps, "; "))
 }
 
-func checkRules(r *report, repo, rendered, out string) error {
-	data, err := os.ReadFile(rendered)
-	if err != nil {
-		return err
+func (in *inputs) checkObjects() (string, error) {
+	var kinds, ps []string
+	for _, o := range in.objects {
+		kinds = append(kinds, o.APIVersion+" "+o.Kind)
+		if o.Namespace != in.ns {
+			ps = append(ps, fmt.Sprintf("%s %s is in namespace %q, want %q",
+				o.Kind, o.Name, o.Namespace, in.ns))
+		}
 	}
-	objs, err := splitDocuments(data)
-	if err != nil {
-		return fmt.Errorf("%s: %v", rendered, err)
+	want := []string{"monitoring.coreos.com/v1 PrometheusRule", "v1 ConfigMap"}
+	if slices.Sort(kinds); !slices.Equal(kinds, want) {
+		ps = append(ps, fmt.Sprintf("renders %q, want %q", kinds, want))
 	}
-	ns, err := baseNamespace(repo)
-	if err != nil {
-		return err
-	}
-	dashboard, err := os.ReadFile(filepath.Join(repo, "k8s", "monitoring", "dashboard.json"))
-	if err != nil {
-		return err
-	}
+	detail := fmt.Sprintf("PrometheusRule %s, ConfigMap %s, namespace %s", in.rule.Name, in.cm.Name, in.ns)
+	return detail, problems(ps)
+}
 
-	var promRule, configMap *object
-	r.check("kubectl kustomize k8s/monitoring renders one PrometheusRule and one ConfigMap, in the base's namespace", func() (string, error) {
-		var kinds []string
-		for i := range objs {
-			o := &objs[i]
-			kinds = append(kinds, o.Kind)
-			switch {
-			case o.Kind == "PrometheusRule" && o.APIVersion == "monitoring.coreos.com/v1" && promRule == nil:
-				promRule = o
-			case o.Kind == "ConfigMap" && o.APIVersion == "v1" && configMap == nil:
-				configMap = o
-			default:
-				return "", fmt.Errorf("unexpected object %s %s/%s", o.APIVersion, o.Kind, o.Metadata.Name)
-			}
-			if o.Metadata.Namespace != ns {
-				return "", fmt.Errorf("%s %s is in namespace %q, want %q (k8s/kustomization.yaml)", o.Kind, o.Metadata.Name, o.Metadata.Namespace, ns)
-			}
-		}
-		if promRule == nil || configMap == nil {
-			return "", fmt.Errorf("rendered kinds %v, want PrometheusRule and ConfigMap", kinds)
-		}
-		return fmt.Sprintf("PrometheusRule %s, ConfigMap %s, namespace %s", promRule.Metadata.Name, configMap.Metadata.Name, ns), nil
-	})
-	if configMap != nil {
-		r.check("the dashboard ConfigMap is labelled for the Grafana sidecar and holds dashboard.json unchanged", func() (string, error) {
-			if v := configMap.Metadata.Labels["grafana_dashboard"]; v != "1" {
-				return "", fmt.Errorf(`label grafana_dashboard is %q, want "1"`, v)
-			}
-			if len(configMap.Data) != 1 {
-				return "", fmt.Errorf("data has %d keys, want only %s", len(configMap.Data), dashboardKey)
-			}
-			got, ok := configMap.Data[dashboardKey]
-			if !ok {
-				return "", fmt.Errorf("no data key %s", dashboardKey)
-			}
-			if got != string(dashboard) {
-				return "", fmt.Errorf("data %s differs from k8s/monitoring/dashboard.json", dashboardKey)
-			}
-			return fmt.Sprintf("grafana_dashboard=1, data key %s (%d bytes)", dashboardKey, len(got)), nil
-		})
+func (in *inputs) checkConfigMap() (string, error) {
+	if v := in.cm.Labels["grafana_dashboard"]; v != "1" {
+		return "", fmt.Errorf(`label grafana_dashboard is %q, want "1"`, v)
 	}
-	if promRule == nil {
-		return errors.New("no PrometheusRule to check")
+	if keys := slices.Sorted(maps.Keys(in.cm.Data)); !slices.Equal(keys, []string{dashboardKey}) {
+		return "", fmt.Errorf("data keys %q, want only %s", keys, dashboardKey)
 	}
+	if in.cm.Data[dashboardKey] != string(in.dashboardJSON) {
+		return "", fmt.Errorf("data %s differs from k8s/monitoring/dashboard.json", dashboardKey)
+	}
+	return fmt.Sprintf("grafana_dashboard=1, data key %s (%d bytes)", dashboardKey, len(in.dashboardJSON)), nil
+}
 
-	var spec ruleGroups
-	if err := json.Unmarshal(promRule.Spec, &spec); err != nil {
-		return fmt.Errorf("PrometheusRule spec: %v", err)
+func (in *inputs) writeRules() (string, error) {
+	if len(in.alerts) == 0 {
+		return "", errors.New("the PrometheusRule holds no alert")
 	}
-	var alerts []rule
-	for _, g := range spec.Groups {
-		for _, ru := range g.Rules {
-			if ru.Alert != "" {
-				alerts = append(alerts, ru)
+	y, err := yaml.Marshal(in.rule.Spec)
+	if err == nil {
+		err = os.WriteFile(in.rulesOut, y, 0o644)
+	}
+	return fmt.Sprintf("%d groups, %d alerts -> %s", len(in.rule.Spec.Groups), len(in.alerts),
+		filepath.Base(in.rulesOut)), err
+}
+
+func (in *inputs) checkAlerts() (string, error) {
+	var ps, names []string
+	for _, a := range in.alerts {
+		if slices.Contains(names, a.Alert) {
+			ps = append(ps, a.Alert+": defined twice")
+		}
+		names = append(names, a.Alert)
+		if s := a.Labels["severity"]; !slices.Contains(severities, s) {
+			ps = append(ps, fmt.Sprintf("%s: severity %q, want one of %q", a.Alert, s, severities))
+		}
+		for _, k := range annotations {
+			if strings.TrimSpace(a.Annotations[k]) == "" {
+				ps = append(ps, fmt.Sprintf("%s: no %s annotation", a.Alert, k))
 			}
 		}
 	}
-	r.check("the PrometheusRule's spec is written as a plain rules file for promtool", func() (string, error) {
-		if len(alerts) == 0 {
-			return "", errors.New("the PrometheusRule holds no alert")
+	return strings.Join(names, " "), problems(ps)
+}
+
+func (in *inputs) checkSelectors() (string, error) {
+	var ps []string
+	job, ns := in.vars["job"], in.vars["namespace"]
+	if job == "" || ns != in.ns {
+		ps = append(ps, fmt.Sprintf("the dashboard's $job is %q, $namespace %q, want a job and %q",
+			job, ns, in.ns))
+	}
+	for _, a := range in.alerts {
+		vs, err := selectors(a.Expr.String())
+		if err != nil {
+			ps = append(ps, fmt.Sprintf("%s: %v", a.Alert, err))
 		}
-		// The spec as rendered, not the struct above, so that promtool sees
-		// every field (and refuses any it does not know).
-		var generic any
-		if err := json.Unmarshal(promRule.Spec, &generic); err != nil {
-			return "", err
+		for _, v := range vs {
+			if equalTo(v, "job") != job || equalTo(v, "namespace") != in.ns {
+				ps = append(ps, fmt.Sprintf("%s: %s, want job=%q, namespace=%q",
+					a.Alert, v, job, in.ns))
+			}
 		}
-		y, err := yaml.Marshal(generic)
+	}
+	return fmt.Sprintf("job=%q, namespace=%q", job, in.ns), problems(ps)
+}
+
+func (in *inputs) checkTests() (string, error) {
+	files, err := filepath.Glob(filepath.Join(in.repo, "k8s", "monitoring", "tests", "*.yaml"))
+	if err == nil && len(files) == 0 {
+		err = errors.New("no test file")
+	}
+	if err != nil {
+		return "", err
+	}
+	fires, silent := map[string]int{}, map[string]int{}
+	var ps, counts []string
+	isAlert := func(name string) bool {
+		return slices.ContainsFunc(in.alerts, func(a monitoringv1.Rule) bool { return a.Alert == name })
+	}
+	for _, f := range files {
+		var tf testFile
+		data, err := os.ReadFile(f)
+		if err == nil {
+			err = yaml.Unmarshal(data, &tf)
+		}
 		if err != nil {
 			return "", err
 		}
-		if err := os.WriteFile(out, y, 0o644); err != nil {
-			return "", err
+		if want := filepath.Base(in.rulesOut); !slices.Equal(tf.RuleFiles, []string{want}) {
+			ps = append(ps, fmt.Sprintf("%s: rule_files %q, want [%q] (the file .ci/monitoring extracts)",
+				filepath.Base(f), tf.RuleFiles, want))
 		}
-		return fmt.Sprintf("%d groups, %d alerts -> %s", len(spec.Groups), len(alerts), filepath.Base(out)), nil
-	})
-	r.check("every alert is named once and has a severity label and summary, description and runbook annotations", func() (string, error) {
-		var problems, names []string
-		for _, a := range alerts {
-			if slices.Contains(names, a.Alert) {
-				problems = append(problems, a.Alert+": defined twice")
-			}
-			names = append(names, a.Alert)
-			if !slices.Contains(severities, a.Labels["severity"]) {
-				problems = append(problems, fmt.Sprintf("%s: severity %q, want one of %v", a.Alert, a.Labels["severity"], severities))
-			}
-			for _, k := range annotationsWanted {
-				if strings.TrimSpace(a.Annotations[k]) == "" {
-					problems = append(problems, fmt.Sprintf("%s: no %s annotation", a.Alert, k))
+		for _, t := range tf.Tests {
+			for _, c := range t.AlertRuleTest {
+				if !isAlert(c.Alertname) {
+					ps = append(ps, fmt.Sprintf("%s: test %q names no alert of the rules: %q",
+						filepath.Base(f), t.Name, c.Alertname))
+				} else if len(c.ExpAlerts) > 0 {
+					fires[c.Alertname]++
+				} else {
+					silent[c.Alertname]++
 				}
 			}
 		}
-		if len(problems) > 0 {
-			return "", errors.New(strings.Join(problems, "; "))
+	}
+	for _, a := range in.alerts {
+		n, s := fires[a.Alert], silent[a.Alert]
+		if n == 0 || s == 0 {
+			ps = append(ps, fmt.Sprintf("%s: %d cases where it fires, %d where it is silent, "+
+				"want one of each", a.Alert, n, s))
 		}
-		return strings.Join(names, " "), nil
-	})
-
-	// The job every alert and the dashboard select.
-	r.check("every alert selects the proxy's job and the base's namespace, as the dashboard's variables do", func() (string, error) {
-		var jobs []string
-		var problems []string
-		for _, a := range alerts {
-			j := matcherValues(a.Expr, "job")
-			n := matcherValues(a.Expr, "namespace")
-			if len(j) != 1 {
-				problems = append(problems, fmt.Sprintf("%s: job matchers %q, want one value", a.Alert, j))
-			} else if !slices.Contains(jobs, j[0]) {
-				jobs = append(jobs, j[0])
-			}
-			if len(n) != 1 || n[0] != ns {
-				problems = append(problems, fmt.Sprintf("%s: namespace matchers %q, want %q", a.Alert, n, ns))
-			}
-		}
-		if len(jobs) > 1 {
-			problems = append(problems, fmt.Sprintf("the alerts select different jobs %q", jobs))
-		}
-		if len(problems) > 0 {
-			return "", errors.New(strings.Join(problems, "; "))
-		}
-		d, err := parseDashboard(dashboard)
-		if err != nil {
-			return "", err
-		}
-		for name, want := range map[string]string{"job": jobs[0], "namespace": ns} {
-			v, ok := d.variable(name)
-			if !ok {
-				return "", fmt.Errorf("dashboard.json has no variable %q", name)
-			}
-			if got, _ := v.currentValue(); got != want {
-				return "", fmt.Errorf("dashboard variable %s defaults to %q, the alerts select %q", name, got, want)
-			}
-		}
-		return fmt.Sprintf(`job=%q, namespace=%q`, jobs[0], ns), nil
-	})
-
-	r.check("k8s/monitoring/tests: every alert has a test case where it fires and one where it does not", func() (string, error) {
-		files, err := filepath.Glob(filepath.Join(repo, "k8s", "monitoring", "tests", "*.yaml"))
-		if err != nil {
-			return "", err
-		}
-		if len(files) == 0 {
-			return "", errors.New("no test file")
-		}
-		fires := map[string]int{}
-		silent := map[string]int{}
-		var problems []string
-		for _, f := range files {
-			data, err := os.ReadFile(f)
-			if err != nil {
-				return "", err
-			}
-			var tf testFile
-			if err := yaml.Unmarshal(data, &tf); err != nil {
-				return "", fmt.Errorf("%s: %v", filepath.Base(f), err)
-			}
-			if !slices.Equal(tf.RuleFiles, []string{filepath.Base(out)}) {
-				problems = append(problems, fmt.Sprintf("%s: rule_files %q, want [%q] (the file .ci/monitoring extracts)", filepath.Base(f), tf.RuleFiles, filepath.Base(out)))
-			}
-			for _, t := range tf.Tests {
-				for _, c := range t.AlertRuleTest {
-					if !slices.ContainsFunc(alerts, func(a rule) bool { return a.Alert == c.Alertname }) {
-						problems = append(problems, fmt.Sprintf("%s: test %q names no alert of the rules: %q", filepath.Base(f), t.Name, c.Alertname))
-					}
-					if len(c.ExpAlerts) > 0 {
-						fires[c.Alertname]++
-					} else {
-						silent[c.Alertname]++
-					}
-				}
-			}
-		}
-		var counts []string
-		for _, a := range alerts {
-			if fires[a.Alert] == 0 {
-				problems = append(problems, a.Alert+": no case where it fires")
-			}
-			if silent[a.Alert] == 0 {
-				problems = append(problems, a.Alert+": no case where it stays silent")
-			}
-			counts = append(counts, fmt.Sprintf("%s %d/%d", a.Alert, fires[a.Alert], silent[a.Alert]))
-		}
-		if len(problems) > 0 {
-			sort.Strings(problems)
-			return "", errors.New(strings.Join(problems, "; "))
-		}
-		return fmt.Sprintf("%d files; firing/silent cases: %s", len(files), strings.Join(counts, ", ")), nil
-	})
-	return nil
+		counts = append(counts, fmt.Sprintf("%s %d/%d", a.Alert, n, s))
+	}
+	return fmt.Sprintf("%d files; firing/silent cases: %s", len(files), strings.Join(counts, ", ")), problems(ps)
 }
