@@ -102,80 +102,87 @@ const jsonBody = `{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"
 	`"stop_reason":"tool_use","stop_sequence":null,` +
 	`"usage":{"input_tokens":2095,"cache_creation_input_tokens":2051,"cache_read_input_tokens":3,"cache_creation":{"ephemeral_5m_input_tokens":2051,"ephemeral_1h_input_tokens":0},"output_tokens":503,"server_tool_use":{"web_search_requests":0},"service_tier":"standard"}}`
 
-var usageCases = []struct {
+// usageCase is a response body and what usageScanner reads in it.
+type usageCase struct {
 	name   string
 	stream bool
 	body   string
 	want   usageResult
-}{
-	// Streamed bodies.
-	{"stream", true, sseBody, counted(testModel, 0, 25, 15, 0, 0)},
-	{"stream with CRLF line ends", true, strings.ReplaceAll(sseBody, "\n", "\r\n"), counted(testModel, 0, 25, 15, 0, 0)},
-	{"message_delta repeats input and cache counts: the last wins", true, sse(
-		"message_start", `{"type":"message_start","message":{"model":"m","usage":{"input_tokens":25,"cache_creation_input_tokens":50,"cache_read_input_tokens":100,"output_tokens":1}}}`,
-		"message_delta", `{"type":"message_delta","delta":{},"usage":{"input_tokens":30,"cache_creation_input_tokens":0,"cache_read_input_tokens":200,"output_tokens":10}}`,
-		"message_delta", `{"type":"message_delta","delta":{},"usage":{"output_tokens":15}}`,
-	), counted("m", 0, 30, 15, 200, 0)},
-	{"null or absent in message_delta keeps the count", true, sse(
-		"message_start", messageStart,
-		"message_delta", `{"type":"message_delta","usage":{"input_tokens":null,"output_tokens":15}}`,
-	), counted(testModel, 0, 25, 15, 0, 0)},
-	{"cut after message_start", true, sse("message_start", messageStart) + "event: content_block_delta\ndata: {\"type\":\"con",
-		counted(testModel, 0, 25, 1, 0, 0)},
-	{"cut inside message_delta's data line", true, sse("message_start", messageStart) + "event: message_delta\ndata: " + messageDelta,
-		counted(testModel, 0, 25, 1, 0, 0)},
-	{"error event mid-stream", true, sse("message_start", messageStart, "ping", `{"type": "ping"}`,
-		"error", `{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}`),
-		counted(testModel, 0, 25, 1, 0, 0)},
-	{"malformed counts", true, sse(
-		"message_start", `{"type":"message_start","message":{"model":"m","usage":{"input_tokens":-1,"cache_read_input_tokens":1.5,"cache_creation_input_tokens":"12","output_tokens":1e3}}}`,
-		"message_delta", `{"type":"message_delta","usage":{"output_tokens":true}}`,
-		"message_delta", `{"type":"message_delta","usage":{"input_tokens":{},"cache_read_input_tokens":[1]}}`,
-	), counted("m", 7, -1, -1, -1, -1)},
-	{"counts at the edge of int64", true, sse(
-		"message_start", `{"type":"message_start","message":{"usage":{"input_tokens":9223372036854775807,"output_tokens":9223372036854775808,"cache_read_input_tokens":0}}}`,
-	), counted("", 1, 9223372036854775807, -1, 0, -1)},
-	{"malformed model", true, sse(
-		"message_start", `{"type":"message_start","message":{"model":7,"usage":{"input_tokens":3}}}`,
-		"message_start", `{"type":"message_start","message":{"model":null}}`,
-		"message_start", `{"type":"message_start","message":{"model":"`+strings.Repeat("m", 257)+`"}}`,
-	), counted("", 3, 3, -1, -1, -1)},
-	{"model at its longest, with escapes", true, sse(
-		"message_start", `{"type":"message_start","message":{"model":"`+strings.Repeat(`\u006d`, 256)+`"}}`,
-	), counted(strings.Repeat("m", 256), 0)},
-	{"usage not an object", true, sse("message_start", messageStart, "message_delta", `{"type":"message_delta","usage":15}`),
-		counted(testModel, 1, 25, 1, 0, 0)},
-	{"data line that is not JSON", true, sse("message_start", `{"type":"message_start",`, "message_delta", messageDelta),
-		counted("", 1, -1, 15, -1, -1)},
-	{"data lines without event lines", true,
-		"data: " + messageStart + "\n\ndata:" + messageDelta + "\n\ndata: {\"type\":\"ping\"}\n\n",
-		counted(testModel, 0, 25, 15, 0, 0)},
-	{"data line without event line, spelt otherwise", true,
-		"data: { \"type\": \"message_start\", \"message\": {\"model\": \"m\"}}\n\n", counted("", 0)},
-	{"data line under another event", true,
-		sse("content_block_delta", `{"type":"message_delta","usage":{"output_tokens":999}}`), counted("", 0)},
-	{"event whose data line does not say its type", true,
-		sse("message_delta", `{"usage":{"output_tokens":999}}`), counted("", 0)},
-	{"event line longer than a line's head", true,
-		sse("message_delta"+strings.Repeat(" ", 64), messageDelta), counted("", 0)},
-	{"comments, other fields and white space", true,
-		": comment\nid: 7\nretry: 100\n\n\r\n" + sse("message_start", messageStart), counted(testModel, 0, 25, 1, 0, 0)},
-	{"data line too long to read", true, sse(
-		"message_start", `{"type":"message_start","message":{"model":"m","content":["`+strings.Repeat("x", maxDataLine)+`"],"usage":{"input_tokens":25}}}`,
-		"message_delta", messageDelta,
-	), counted("", 1, -1, 15, -1, -1)},
-	{"data line at the longest read", true, sse("message_start", longStart(maxDataLine)), counted("m", 0, 25, -1, -1, -1)},
-	{"data line a byte too long", true, sse("message_start", longStart(maxDataLine+1)), counted("", 1)},
-	{"long line of another event", true, sse(
-		"content_block_delta", `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"`+strings.Repeat("x", 2*maxDataLine)+`"}}`,
-		"message_delta", messageDelta,
-	), counted("", 0, -1, 15, -1, -1)},
-	{"JSON body read as a stream", true, jsonBody, counted("", 0)},
-	{"garbage stream", true, garbage(4096), counted("", 0)},
+}
 
-	// JSON bodies.
-	{"JSON", false, jsonBody, counted(testModel, 0, 2095, 503, 3, 2051)},
-	{"JSON, indented, usage before model", false, `{
+// usageCases returns the bodies TestUsageScanner reads, which also seed
+// FuzzUsageScanner. They are built when a test asks: the test binary also
+// runs as the proxy (TestMain), which has no use for them.
+func usageCases() []usageCase {
+	return []usageCase{
+		// Streamed bodies.
+		{"stream", true, sseBody, counted(testModel, 0, 25, 15, 0, 0)},
+		{"stream with CRLF line ends", true, strings.ReplaceAll(sseBody, "\n", "\r\n"), counted(testModel, 0, 25, 15, 0, 0)},
+		{"message_delta repeats input and cache counts: the last wins", true, sse(
+			"message_start", `{"type":"message_start","message":{"model":"m","usage":{"input_tokens":25,"cache_creation_input_tokens":50,"cache_read_input_tokens":100,"output_tokens":1}}}`,
+			"message_delta", `{"type":"message_delta","delta":{},"usage":{"input_tokens":30,"cache_creation_input_tokens":0,"cache_read_input_tokens":200,"output_tokens":10}}`,
+			"message_delta", `{"type":"message_delta","delta":{},"usage":{"output_tokens":15}}`,
+		), counted("m", 0, 30, 15, 200, 0)},
+		{"null or absent in message_delta keeps the count", true, sse(
+			"message_start", messageStart,
+			"message_delta", `{"type":"message_delta","usage":{"input_tokens":null,"output_tokens":15}}`,
+		), counted(testModel, 0, 25, 15, 0, 0)},
+		{"cut after message_start", true, sse("message_start", messageStart) + "event: content_block_delta\ndata: {\"type\":\"con",
+			counted(testModel, 0, 25, 1, 0, 0)},
+		{"cut inside message_delta's data line", true, sse("message_start", messageStart) + "event: message_delta\ndata: " + messageDelta,
+			counted(testModel, 0, 25, 1, 0, 0)},
+		{"error event mid-stream", true, sse("message_start", messageStart, "ping", `{"type": "ping"}`,
+			"error", `{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}`),
+			counted(testModel, 0, 25, 1, 0, 0)},
+		{"malformed counts", true, sse(
+			"message_start", `{"type":"message_start","message":{"model":"m","usage":{"input_tokens":-1,"cache_read_input_tokens":1.5,"cache_creation_input_tokens":"12","output_tokens":1e3}}}`,
+			"message_delta", `{"type":"message_delta","usage":{"output_tokens":true}}`,
+			"message_delta", `{"type":"message_delta","usage":{"input_tokens":{},"cache_read_input_tokens":[1]}}`,
+		), counted("m", 7, -1, -1, -1, -1)},
+		{"counts at the edge of int64", true, sse(
+			"message_start", `{"type":"message_start","message":{"usage":{"input_tokens":9223372036854775807,"output_tokens":9223372036854775808,"cache_read_input_tokens":0}}}`,
+		), counted("", 1, 9223372036854775807, -1, 0, -1)},
+		{"malformed model", true, sse(
+			"message_start", `{"type":"message_start","message":{"model":7,"usage":{"input_tokens":3}}}`,
+			"message_start", `{"type":"message_start","message":{"model":null}}`,
+			"message_start", `{"type":"message_start","message":{"model":"`+strings.Repeat("m", 257)+`"}}`,
+		), counted("", 3, 3, -1, -1, -1)},
+		{"model at its longest, with escapes", true, sse(
+			"message_start", `{"type":"message_start","message":{"model":"`+strings.Repeat(`\u006d`, 256)+`"}}`,
+		), counted(strings.Repeat("m", 256), 0)},
+		{"usage not an object", true, sse("message_start", messageStart, "message_delta", `{"type":"message_delta","usage":15}`),
+			counted(testModel, 1, 25, 1, 0, 0)},
+		{"data line that is not JSON", true, sse("message_start", `{"type":"message_start",`, "message_delta", messageDelta),
+			counted("", 1, -1, 15, -1, -1)},
+		{"data lines without event lines", true,
+			"data: " + messageStart + "\n\ndata:" + messageDelta + "\n\ndata: {\"type\":\"ping\"}\n\n",
+			counted(testModel, 0, 25, 15, 0, 0)},
+		{"data line without event line, spelt otherwise", true,
+			"data: { \"type\": \"message_start\", \"message\": {\"model\": \"m\"}}\n\n", counted("", 0)},
+		{"data line under another event", true,
+			sse("content_block_delta", `{"type":"message_delta","usage":{"output_tokens":999}}`), counted("", 0)},
+		{"event whose data line does not say its type", true,
+			sse("message_delta", `{"usage":{"output_tokens":999}}`), counted("", 0)},
+		{"event line longer than a line's head", true,
+			sse("message_delta"+strings.Repeat(" ", 64), messageDelta), counted("", 0)},
+		{"comments, other fields and white space", true,
+			": comment\nid: 7\nretry: 100\n\n\r\n" + sse("message_start", messageStart), counted(testModel, 0, 25, 1, 0, 0)},
+		{"data line too long to read", true, sse(
+			"message_start", `{"type":"message_start","message":{"model":"m","content":["`+strings.Repeat("x", maxDataLine)+`"],"usage":{"input_tokens":25}}}`,
+			"message_delta", messageDelta,
+		), counted("", 1, -1, 15, -1, -1)},
+		{"data line at the longest read", true, sse("message_start", longStart(maxDataLine)), counted("m", 0, 25, -1, -1, -1)},
+		{"data line a byte too long", true, sse("message_start", longStart(maxDataLine+1)), counted("", 1)},
+		{"long line of another event", true, sse(
+			"content_block_delta", `{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"`+strings.Repeat("x", 2*maxDataLine)+`"}}`,
+			"message_delta", messageDelta,
+		), counted("", 0, -1, 15, -1, -1)},
+		{"JSON body read as a stream", true, jsonBody, counted("", 0)},
+		{"garbage stream", true, garbage(4096), counted("", 0)},
+
+		// JSON bodies.
+		{"JSON", false, jsonBody, counted(testModel, 0, 2095, 503, 3, 2051)},
+		{"JSON, indented, usage before model", false, `{
   "usage": {
     "input_tokens": 10,
     "output_tokens": 20
@@ -184,27 +191,28 @@ var usageCases = []struct {
   "model": "claude-haiku-4-5"
 }
 `, counted("claude-haiku-4-5", 0, 10, 20, -1, -1)},
-	{"JSON keys written with escapes", false, `{"mod\u0065l":"m","\u0075sage":{"output_tokens":4}}`, counted("m", 0, -1, 4, -1, -1)},
-	{"JSON usage given twice: the last replaces it whole", false,
-		`{"usage":{"input_tokens":1,"output_tokens":"x"},"model":"a","usage":{"output_tokens":3},"model":"b"}`,
-		counted("b", 0, -1, 3, -1, -1)},
-	{"JSON null usage", false, `{"model":"m","usage":null}`, counted("m", 0)},
-	{"JSON malformed counts", false,
-		`{"usage":{"input_tokens":-1,"output_tokens":1.5,"cache_read_input_tokens":"12","cache_creation_input_tokens":1e3}}`,
-		counted("", 4, -1, -1, -1, -1)},
-	{"JSON usage not an object", false, `{"usage":[1,2],"model":"m"}`, counted("m", 1)},
-	{"JSON usage a scalar", false, `{"usage":12345678}`, counted("", 1)},
-	{"JSON usage too long to read", false,
-		`{"usage":{"input_tokens":1,"padding":"` + strings.Repeat("x", maxTopValue) + `"}}`, counted("", 1)},
-	{"JSON model not a string", false, `{"model":{"name":"m"},"usage":{"input_tokens":1}}`, counted("", 1, 1, -1, -1, -1)},
-	{"JSON null model", false, `{"model":null}`, counted("", 1)},
-	{"JSON model too long", false, `{"model":"` + strings.Repeat("m", maxModel+1) + `"}`, counted("", 1)},
-	{"JSON cut in usage", false, `{"model":"m","content":[],"usage":{"input_tokens":1`, counted("m", 0)},
-	{"JSON empty", false, ``, counted("", 0)},
-	{"JSON not an object", false, `[{"model":"m"}]`, counted("", 1)},
-	{"JSON trailing garbage", false, `{"model":"m"}x`, counted("m", 1)},
-	{"stream read as JSON", false, sseBody, counted("", 1)},
-	{"garbage JSON", false, garbage(4096), counted("", 1)},
+		{"JSON keys written with escapes", false, `{"mod\u0065l":"m","\u0075sage":{"output_tokens":4}}`, counted("m", 0, -1, 4, -1, -1)},
+		{"JSON usage given twice: the last replaces it whole", false,
+			`{"usage":{"input_tokens":1,"output_tokens":"x"},"model":"a","usage":{"output_tokens":3},"model":"b"}`,
+			counted("b", 0, -1, 3, -1, -1)},
+		{"JSON null usage", false, `{"model":"m","usage":null}`, counted("m", 0)},
+		{"JSON malformed counts", false,
+			`{"usage":{"input_tokens":-1,"output_tokens":1.5,"cache_read_input_tokens":"12","cache_creation_input_tokens":1e3}}`,
+			counted("", 4, -1, -1, -1, -1)},
+		{"JSON usage not an object", false, `{"usage":[1,2],"model":"m"}`, counted("m", 1)},
+		{"JSON usage a scalar", false, `{"usage":12345678}`, counted("", 1)},
+		{"JSON usage too long to read", false,
+			`{"usage":{"input_tokens":1,"padding":"` + strings.Repeat("x", maxTopValue) + `"}}`, counted("", 1)},
+		{"JSON model not a string", false, `{"model":{"name":"m"},"usage":{"input_tokens":1}}`, counted("", 1, 1, -1, -1, -1)},
+		{"JSON null model", false, `{"model":null}`, counted("", 1)},
+		{"JSON model too long", false, `{"model":"` + strings.Repeat("m", maxModel+1) + `"}`, counted("", 1)},
+		{"JSON cut in usage", false, `{"model":"m","content":[],"usage":{"input_tokens":1`, counted("m", 0)},
+		{"JSON empty", false, ``, counted("", 0)},
+		{"JSON not an object", false, `[{"model":"m"}]`, counted("", 1)},
+		{"JSON trailing garbage", false, `{"model":"m"}x`, counted("m", 1)},
+		{"stream read as JSON", false, sseBody, counted("", 1)},
+		{"garbage JSON", false, garbage(4096), counted("", 1)},
+	}
 }
 
 // longStart returns a message_start data value that makes its data line,
@@ -227,7 +235,7 @@ func garbage(n int) string {
 }
 
 func TestUsageScanner(t *testing.T) {
-	for _, tt := range usageCases {
+	for _, tt := range usageCases() {
 		t.Run(tt.name, func(t *testing.T) {
 			body := []byte(tt.body)
 			check := func(how string, cuts ...int) {
@@ -401,7 +409,7 @@ func jsonUsage(body []byte) (r usageResult, ok bool) {
 // however the body is cut, and for a JSON object it agrees with
 // encoding/json's reading of the top-level "model" and "usage".
 func FuzzUsageScanner(f *testing.F) {
-	for _, tt := range usageCases {
+	for _, tt := range usageCases() {
 		if len(tt.body) < 8<<10 {
 			f.Add([]byte(tt.body), []byte{3, 1, 7})
 		}
