@@ -98,13 +98,14 @@ func goldenObservations(m *metrics) {
 }
 
 // newFixedMetrics returns new metrics whose process gauges do not change
-// between scrapes: a start time of 2025-11-30T00:00:00.25Z, no resident
-// memory sample, a memory limit of 110 MiB. TestProcessMetrics checks the
-// real ones.
+// between scrapes: a start time of 2025-11-30T00:00:00.25Z, 48 MiB
+// resident, a memory limit of 110 MiB. TestProcessMetrics checks the real
+// ones.
 func newFixedMetrics() *metrics {
 	m := newMetrics()
 	m.process = processMetrics{
 		start:    time.Date(2025, 11, 30, 0, 0, 0, 250e6, time.UTC),
+		rss:      func() (int64, bool) { return 48 << 20, true },
 		memLimit: func() int64 { return 110 << 20 },
 	}
 	return m
@@ -201,7 +202,7 @@ func TestMetricsStartup(t *testing.T) {
 		{"anthropic_usage_parse_errors_total", "counter", "anthropic_usage_parse_errors_total 0\n"},
 		{"anthropic_usage_skipped_total", "counter", `anthropic_usage_skipped_total{reason="encoding"} 0` + "\n"},
 		{"go_gc_gomemlimit_bytes", "gauge", "go_gc_gomemlimit_bytes 115343360\n"},
-		{"process_resident_memory_bytes", "gauge", ""},
+		{"process_resident_memory_bytes", "gauge", "process_resident_memory_bytes 50331648\n"},
 		{"process_start_time_seconds", "gauge", "process_start_time_seconds 1764460800.25\n"},
 		{"proxy_body_budget_bytes_in_use", "gauge", "proxy_body_budget_bytes_in_use 0\n"},
 		{"proxy_client_connections", "gauge", "proxy_client_connections 0\n"},

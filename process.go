@@ -14,13 +14,17 @@ import (
 // works to (GOMEMLIMIT), and the start time, whose changes count restarts.
 type processMetrics struct {
 	start    time.Time
-	statm    *os.File     // /proc/self/statm; nil where there is none (darwin)
-	memLimit func() int64 // the runtime's memory limit
+	rss      func() (int64, bool) // resident memory, if known
+	memLimit func() int64         // the runtime's memory limit
 }
 
 func newProcessMetrics() processMetrics {
-	f, _ := os.Open("/proc/self/statm")
-	return processMetrics{start: time.Now(), statm: f, memLimit: func() int64 { return debug.SetMemoryLimit(-1) }}
+	pm := processMetrics{start: time.Now(), rss: func() (int64, bool) { return 0, false }}
+	pm.memLimit = func() int64 { return debug.SetMemoryLimit(-1) }
+	if statm, err := os.Open("/proc/self/statm"); err == nil { // none on darwin
+		pm.rss = func() (int64, bool) { return residentBytes(statm) }
+	}
+	return pm
 }
 
 const (
@@ -52,14 +56,11 @@ func (pm *processMetrics) writeProcess(b *bytes.Buffer) {
 	b.WriteByte('\n')
 }
 
-// rss reads the resident set size: the second field of /proc/self/statm,
-// in pages.
-func (pm *processMetrics) rss() (int64, bool) {
-	if pm.statm == nil {
-		return 0, false
-	}
+// residentBytes reads the resident set size: the second field of
+// /proc/self/statm, in pages.
+func residentBytes(statm *os.File) (int64, bool) {
 	var buf [128]byte
-	n, _ := pm.statm.ReadAt(buf[:], 0)
+	n, _ := statm.ReadAt(buf[:], 0)
 	field := buf[:n]
 	if i := bytes.IndexByte(field, ' '); i >= 0 {
 		field = field[i+1:] // past the total size

@@ -66,7 +66,7 @@ var breaks = []struct {
 }{
 	{"broken alert expression", edit{promRule, ") > 0.05", ") > > 0.05"}, "every alert selects"},
 	{"alert in another namespace", edit{promRule, `proxy"} == 0`, `proxy-2"} == 0`}, "every alert selects"},
-	{"alert on an unknown metric", edit{promRule, "resets(proxy_requests_total", "resets(proxy_requests"}, metrics},
+	{"alert on an unknown metric", edit{promRule, "changes(process_start_time_seconds", "changes(process_start_time"}, metrics},
 	{"no runbook", edit{promRule, "      runbook: >-\n", "      runbok: >-\n"}, "every alert is named once"},
 	{"misspelt field", edit{promRule, "          for: 2m\n", "          fr: 2m\n"}, "they decode strictly"},
 	{"misspelt alert name in a test", edit{tests, "6m\n        alertname: OAuthProxyDown",
