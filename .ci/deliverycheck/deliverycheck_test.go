@@ -38,9 +38,9 @@ func replace(name, file, old, new, want string) breakCase {
 }
 
 var breaks = []breakCase{
-	replace("builder Go version", df, "golang:1.26", "golang:1.25", "builder: official Go image"),
-	replace("builder floating tag", df, "golang:1.26-trixie", "golang:latest", "builder: official Go image"),
-	replace("builder emulated", df, "--platform=$BUILDPLATFORM ", "", "builder: official Go image"),
+	replace("builder Go version", df, "golang:1.26", "golang:1.25", "builder: golang"),
+	replace("builder floating tag", df, "golang:1.26-trixie", "golang:latest", "builder: golang"),
+	replace("builder emulated", df, "--platform=$BUILDPLATFORM ", "", "builder: golang"),
 	replace("no module layer", df, "RUN go mod download\n", "", "builder: go mod download"),
 	replace("sources before download", df, "COPY go.mod go.sum ./", "COPY go.mod go.sum *.go ./", "builder: go mod"),
 	replace("cgo", df, "RUN CGO_ENABLED=0", "RUN CGO_ENABLED=1", "builder: CGO_ENABLED=0"),

@@ -26,6 +26,7 @@ import (
 	"io"
 	"maps"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -63,7 +64,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	var err error
 	switch {
 	case args[0] == "static" && *rendered != "" && *out != "" && *binary != "":
-		err = checkStatic(r, staticInput{repo: *repo, rendered: *rendered, out: *out, binary: *binary, target: t})
+		err = checkStatic(r, *repo, *rendered, *out, *binary, t)
 	case args[0] == "binary" && *file != "" && *ca != "":
 		err = checkBinary(r, *file, *ca, t)
 	default:
@@ -83,6 +84,55 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 // target is the platform and version the image is built for.
 type target struct{ os, arch, version string }
+
+// checkStatic checks the Dockerfile, then the manifests against it, and
+// writes the ConfigMap's config.toml and image.env to out, with the go build
+// output at binary. Failed invariants are counted in r; the error is for a
+// file that cannot be read, parsed or written.
+func checkStatic(r *report, repo, rendered, out, binary string, t target) error {
+	d, err := loadDockerfile(repo, t)
+	if err != nil {
+		return err
+	}
+	runChecks(r, "Dockerfile and .dockerignore:", dockerfileChecks, d)
+	m, err := loadManifests(repo, rendered, d)
+	if err != nil {
+		return err
+	}
+	runChecks(r, "Kubernetes manifests (kubectl kustomize k8s):", manifestChecks, m)
+	if err := os.WriteFile(filepath.Join(out, "config.toml"), []byte(m.cm.Data[configKey]), 0o644); err != nil {
+		return err
+	}
+
+	// image.env: one KEY=VALUE per line; keys may repeat, in order.
+	var lines []string
+	add := func(key string, values ...string) {
+		for _, v := range values {
+			lines = append(lines, key+"="+v)
+		}
+	}
+	add("BUILD_FILE", d.buildFiles...)
+	add("BUILD_ENV", d.buildEnv...)
+	for i, a := range d.buildArgs {
+		if i > 0 && d.buildArgs[i-1] == "-o" {
+			a = binary
+		}
+		add("BUILD_ARG", a)
+	}
+	add("IMAGE_BINARY", d.binary)
+	add("IMAGE_CA", caBundle)
+	add("IMAGE_USER", d.user)
+	add("IMAGE_PORT", fmt.Sprint(d.port))
+	add("IMAGE_ENV", d.env...)
+	for _, e := range m.c.Env {
+		add("POD_ENV", e.Name+"="+e.Value)
+	}
+	add("CONFIG_FILE", d.configPath) // the mount check holds the mounted file to CONFIG_PATH
+	if strings.ContainsAny(strings.Join(lines, ""), "\n\x00") {
+		return fmt.Errorf("image.env: a value holds a newline or NUL: %q", lines)
+	}
+	return os.WriteFile(filepath.Join(out, "image.env"), []byte(strings.Join(lines, "\n")+"\n"), 0o644)
+}
 
 // report prints one line per invariant and counts the failures.
 type report struct {

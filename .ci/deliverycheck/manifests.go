@@ -50,7 +50,7 @@ var (
 // decoded into their Kubernetes types.
 type manifests struct {
 	repo    string
-	img     *image
+	img     *dockerfile
 	objects []object
 	strict  []string // fields the objects' types do not have, and duplicate keys
 	ns      corev1.Namespace
@@ -69,12 +69,16 @@ type object struct {
 	doc []byte // YAML
 }
 
-// loadManifests splits kubectl kustomize output into objects and decodes
-// the kinds the checks read.
-func loadManifests(repo string, rendered []byte, img *image) (*manifests, error) {
+// loadManifests splits the rendered file (kubectl kustomize output) into
+// objects and decodes the kinds the checks read.
+func loadManifests(repo, rendered string, img *dockerfile) (*manifests, error) {
+	data, err := os.ReadFile(rendered)
+	if err != nil {
+		return nil, err
+	}
 	m := &manifests{repo: repo, img: img, c: &corev1.Container{}, port: -1}
 	typed := map[string]any{"Namespace": &m.ns, "ServiceAccount": &m.sa, "ConfigMap": &m.cm, "Deployment": &m.deploy, "Service": &m.svc}
-	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(rendered)))
+	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
 	for {
 		doc, err := docs.Read()
 		if err == io.EOF {
