@@ -24,7 +24,7 @@ var elfMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_
 func checkBinary(r *report, file, ca string, t target) error {
 	f, err := elf.Open(file)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s is not an ELF executable: %w", file, err)
 	}
 	defer f.Close()
 	runChecks(r, "Binary:", binaryChecks, &builtBinary{f, file, ca, t})
