@@ -21,34 +21,31 @@ type builtBinary struct {
 var elfMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
 
 // checkBinary checks the reproduced binary and the CA bundle copied beside it.
-func checkBinary(r *report, file, ca string, t target) {
+func checkBinary(r *report, file, ca string, t target) error {
 	f, err := elf.Open(file)
 	if err != nil {
-		fmt.Fprintln(r.w, "Binary:")
-		r.print("the binary is an ELF executable", "", err)
-		return
+		return fmt.Errorf("%s is not an ELF executable: %w", file, err)
 	}
 	defer f.Close()
 	runChecks(r, "Binary:", binaryChecks, &builtBinary{f, file, ca, t})
+	return nil
 }
 
 var binaryChecks = []check[*builtBinary]{
 	{"ELF executable for the target platform", func(b *builtBinary) (string, error) {
-		if want, ok := elfMachine[b.target.arch]; !ok || b.Machine != want || b.OSABI != elf.ELFOSABI_NONE && b.OSABI != elf.ELFOSABI_LINUX || b.Type != elf.ET_EXEC {
-			return "", fmt.Errorf("machine %v, OS ABI %v, type %v; want %s/%s", b.Machine, b.OSABI, b.Type, b.target.os, b.target.arch)
-		}
-		return b.Machine.String(), nil
+		linux := b.OSABI == elf.ELFOSABI_NONE || b.OSABI == elf.ELFOSABI_LINUX
+		ok := b.Machine == elfMachine[b.target.arch] && linux && b.Type == elf.ET_EXEC
+		return b.Machine.String(), require(ok, "machine %v, OS ABI %v, type %v; want %s/%s",
+			b.Machine, b.OSABI, b.Type, b.target.os, b.target.arch)
 	}},
-	{"statically linked: no program interpreter, no dynamic section, no shared libraries", func(b *builtBinary) (string, error) {
+	{"statically linked: no interpreter, no dynamic section, no shared libraries", func(b *builtBinary) (string, error) {
 		for _, p := range b.Progs {
 			if p.Type == elf.PT_INTERP || p.Type == elf.PT_DYNAMIC {
 				return "", fmt.Errorf("program header %v: the binary needs a dynamic loader, which scratch lacks", p.Type)
 			}
 		}
-		if libs, _ := b.ImportedLibraries(); len(libs) > 0 {
-			return "", fmt.Errorf("needs %v", libs)
-		}
-		return "", nil
+		libs, _ := b.ImportedLibraries()
+		return "", require(len(libs) == 0, "needs %v", libs)
 	}},
 	{"stripped (-s -w): no symbol table, no DWARF", func(b *builtBinary) (string, error) {
 		for _, s := range b.Sections {
@@ -69,16 +66,9 @@ var binaryChecks = []check[*builtBinary]{
 		for _, s := range bi.Settings {
 			got[s.Key] = s.Value
 		}
-		var problems []string
-		for _, s := range [][2]string{{"CGO_ENABLED", "0"}, {"-trimpath", "true"}, {"GOOS", b.target.os}, {"GOARCH", b.target.arch}} {
-			if got[s[0]] != s[1] {
-				problems = append(problems, fmt.Sprintf("%s=%q, want %q", s[0], got[s[0]], s[1]))
-			}
-		}
-		if len(problems) > 0 {
-			return "", fmt.Errorf("%s", strings.Join(problems, "; "))
-		}
-		return fmt.Sprintf("%s, module %s, %s/%s", bi.GoVersion, bi.Main.Path, got["GOOS"], got["GOARCH"]), nil
+		return fmt.Sprintf("%s, module %s, %s/%s", bi.GoVersion, bi.Main.Path, got["GOOS"], got["GOARCH"]),
+			unequal(want{"CGO_ENABLED", got["CGO_ENABLED"], "0"}, want{"-trimpath", got["-trimpath"], "true"},
+				want{"GOOS", got["GOOS"], b.target.os}, want{"GOARCH", got["GOARCH"], b.target.arch})
 	}},
 	{"the CA bundle holds parsable certificates", func(b *builtBinary) (string, error) {
 		data, err := os.ReadFile(b.ca)
@@ -88,9 +78,7 @@ var binaryChecks = []check[*builtBinary]{
 				n++
 			}
 		}
-		if n == 0 {
-			return "", fmt.Errorf("%s holds no certificate (%v): TLS to the upstream could not verify", b.ca, err)
-		}
-		return fmt.Sprintf("%d certificates", n), nil
+		return fmt.Sprintf("%d certificates", n),
+			require(n > 0, "%s holds no certificate (%v): TLS to the upstream could not verify", b.ca, err)
 	}},
 }

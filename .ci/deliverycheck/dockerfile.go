@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -23,55 +24,35 @@ import (
 // caBundle is where Go's crypto/x509 looks first for the system roots on Linux.
 const caBundle = "/etc/ssl/certs/ca-certificates.crt"
 
-// dockerfile is the parsed Dockerfile, its build context and the image it describes.
-type dockerfile struct {
-	repo           string
-	all            []instructions.Command // the ARGs before the first FROM, then every stage's
-	builder, final *instructions.Stage    // the stage the final one copies from, and the final one
-	context        []string               // the files docker build sends, after .dockerignore
-	build          *goBuild               // the builder's go build, variables as written
-	entrypoint     *instructions.EntrypointCommand
-	ports          []string // EXPOSE
-	img            image
-}
-
-// image is how .ci/delivery rebuilds and runs the image without Docker, and
-// what the manifests are held to.
-type image struct {
-	buildFiles []string // the context files the builder copies into its WORKDIR
-	buildEnv   []string // go build's NAME=value words, for the target
-	buildArgs  []string // go build's arguments, for the target, with -o at the requested path
-	binary     string   // the ENTRYPOINT
-	user       string   // USER
-	uid, gid   int64    // USER, when it is uid:gid
-	port       int32    // EXPOSE, when it is one port
-	env        []string // the final stage's ENV, NAME=value
-	configPath string   // ENV CONFIG_PATH
-}
-
-// goBuild is a go build command: the words before "go" and after it.
-type goBuild struct {
-	line      int
-	env, args []string
-}
-
-// flag returns the word after name in the go build arguments.
-func (b *goBuild) flag(name string) string {
-	if i := slices.Index(b.args, name); i >= 0 && i+1 < len(b.args) {
-		return b.args[i+1]
-	}
-	return ""
-}
-
 var (
 	builderImage = regexp.MustCompile(`^golang:(1\.[0-9]+)(\.[0-9]+)?-(bookworm|trixie|forky)$`)
 	goDirective  = regexp.MustCompile(`(?m)^go (1\.[0-9]+)`)
 	credential   = regexp.MustCompile(`(?i)secret|token|passw|key|auth|credential`)
 )
 
+// dockerfile is the parsed Dockerfile and build context, and the image they
+// make: what .ci/delivery rebuilds and runs, and what the manifests match.
+type dockerfile struct {
+	repo           string
+	all            []instructions.Command // the ARGs before the first FROM, then every stage's
+	builder, final *instructions.Stage    // the stage the final one copies from, and the final one
+	context        []string               // the files docker build sends, after .dockerignore
+	build          goBuild                // the builder's go build, variables as written
+	entrypoint     *instructions.EntrypointCommand
+	ports          []string // EXPOSE
+
+	buildFiles          []string // the context files the builder copies into its WORKDIR
+	buildEnv, buildArgs []string // go build's NAME=value words and arguments, for the target
+	binary, user        string   // ENTRYPOINT and USER
+	uid, gid            int64    // USER, when it is uid:gid
+	port                int32    // EXPOSE, when it is one port
+	env                 []string // the final stage's ENV, NAME=value
+	configPath          string   // ENV CONFIG_PATH
+}
+
 // loadDockerfile parses the Dockerfile and .dockerignore in repo and derives
-// the image for a build of t whose binary goes to binaryOut.
-func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error) {
+// the image built for t.
+func loadDockerfile(repo string, t target) (*dockerfile, error) {
 	data, err := os.ReadFile(filepath.Join(repo, "Dockerfile"))
 	if err != nil {
 		return nil, err
@@ -87,27 +68,20 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 	if err != nil {
 		return nil, fmt.Errorf("parse Dockerfile: %w", err)
 	}
-	d := &dockerfile{repo: repo}
+	d := &dockerfile{repo: repo, final: &stages[len(stages)-1]}
 	for i := range globalArgs {
 		d.all = append(d.all, &globalArgs[i])
 	}
-	for i, s := range stages {
+	for _, s := range stages {
 		d.all = append(d.all, s.Commands...)
-		d.final = &stages[i]
 	}
 	for _, c := range commands[*instructions.CopyCommand](d.final.Commands) {
-		if i := slices.IndexFunc(stages, func(s instructions.Stage) bool { return s.Name != "" && s.Name == c.From }); i >= 0 {
+		if i, ok := instructions.HasStage(stages, c.From); ok && c.From != "" {
 			d.builder = &stages[i]
 		}
 	}
 	if d.builder == nil || d.builder == d.final {
 		return nil, errors.New("the Dockerfile's final stage copies from no named build stage")
-	}
-	for _, run := range commands[*instructions.RunCommand](d.all) {
-		// Evaluates the --mount flags, with their words as written.
-		if err := run.Expand(func(word string) (string, error) { return word, nil }); err != nil {
-			return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
-		}
 	}
 	if d.context, err = buildContext(repo); err != nil {
 		return nil, err
@@ -115,67 +89,68 @@ func loadDockerfile(repo string, t target, binaryOut string) (*dockerfile, error
 
 	lex := shell.NewLex(ast.EscapeToken)
 	lex.SkipUnsetEnv = true // $NAME stays as written where no value is given
-	vars := shell.EnvsFromSlice([]string{"TARGETOS=" + t.os, "TARGETARCH=" + t.arch, "VERSION=" + t.version})
+	asWritten := shell.EnvsFromSlice(nil)
+	for _, c := range d.all {
+		// Unquotes the words of ENV, COPY, USER... and parses RUN --mount.
+		if e, ok := c.(instructions.SupportsSingleWordExpansion); ok {
+			if err := e.Expand(func(w string) (string, error) {
+				w, _, err := lex.ProcessWord(w, asWritten)
+				return w, err
+			}); err != nil {
+				return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(c), err)
+			}
+		}
+	}
+	forTarget := shell.EnvsFromSlice([]string{"TARGETOS=" + t.os, "TARGETARCH=" + t.arch, "VERSION=" + t.version})
 	for _, run := range commands[*instructions.RunCommand](d.builder.Commands) {
-		if d.build, err = findGoBuild(lex, run, shell.EnvsFromSlice(nil)); err != nil {
+		if d.build, err = findGoBuild(lex, run, asWritten); err != nil {
 			return nil, err
 		}
-		if d.build != nil {
-			x, _ := findGoBuild(lex, run, vars)
-			if i := slices.Index(x.args, "-o"); i >= 0 && i+1 < len(x.args) {
-				x.args[i+1] = binaryOut
-			}
-			d.img.buildEnv, d.img.buildArgs = x.env, x.args
+		if d.build.line > 0 {
+			b, _ := findGoBuild(lex, run, forTarget)
+			d.buildEnv, d.buildArgs = b.env, b.args
 			break
 		}
 	}
 	for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
-		for _, f := range d.context {
-			if slices.ContainsFunc(c.SourcePaths, func(src string) bool { return match(src, f) }) && !slices.Contains(d.img.buildFiles, f) {
-				d.img.buildFiles = append(d.img.buildFiles, f)
+		for _, f := range matching(c.SourcePaths, d.context) {
+			if !slices.Contains(d.buildFiles, f) {
+				d.buildFiles = append(d.buildFiles, f)
 			}
 		}
 	}
 	for _, c := range d.final.Commands {
 		switch c := c.(type) {
 		case *instructions.EntrypointCommand:
-			d.entrypoint, d.img.binary = c, strings.Join(c.CmdLine, " ")
+			d.entrypoint, d.binary = c, strings.Join(c.CmdLine, " ")
 		case *instructions.UserCommand:
-			d.img.user = c.User
-			fmt.Sscanf(c.User, "%d:%d", &d.img.uid, &d.img.gid) // the check prints them back to compare with USER
+			d.user = c.User
+			fmt.Sscanf(c.User, "%d:%d", &d.uid, &d.gid) // the USER check prints them back to compare
 		case *instructions.ExposeCommand:
 			d.ports = append(d.ports, c.Ports...)
 		case *instructions.EnvCommand:
 			for _, kv := range c.Env {
-				value, _, err := lex.ProcessWord(kv.Value, shell.EnvsFromSlice(nil))
-				if err != nil {
-					return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(c), err)
-				}
-				if d.img.env = append(d.img.env, kv.Key+"="+value); kv.Key == "CONFIG_PATH" {
-					d.img.configPath = value
+				d.env = append(d.env, kv.String())
+				if kv.Key == "CONFIG_PATH" {
+					d.configPath = kv.Value
 				}
 			}
 		}
 	}
 	if len(d.ports) == 1 {
 		port, _ := strconv.ParseInt(strings.TrimSuffix(d.ports[0], "/tcp"), 10, 32)
-		d.img.port = int32(port)
+		d.port = int32(port)
 	}
 	return d, nil
 }
 
 var dockerfileChecks = []check[*dockerfile]{
-	{"builder: official Go image at go.mod's minor version, Debian variant, on $BUILDPLATFORM", func(d *dockerfile) (string, error) {
+	{"builder: golang:<go.mod's 1.N>-<Debian release>, on $BUILDPLATFORM", func(d *dockerfile) (string, error) {
 		goMod, err := os.ReadFile(filepath.Join(d.repo, "go.mod"))
-		if err != nil {
-			return "", err
-		}
 		image, goLine := builderImage.FindStringSubmatch(d.builder.BaseName), goDirective.FindSubmatch(goMod)
-		if image == nil || goLine == nil || image[1] != string(goLine[1]) || d.builder.Platform != "$BUILDPLATFORM" {
-			return "", fmt.Errorf("FROM --platform=%s %s and go.mod's %q, want --platform=$BUILDPLATFORM (cross-compile, no emulation) golang:<go.mod's 1.N>-<Debian release>",
-				d.builder.Platform, d.builder.BaseName, goDirective.Find(goMod))
-		}
-		return d.builder.BaseName, nil
+		ok := image != nil && goLine != nil && image[1] == string(goLine[1]) && d.builder.Platform == "$BUILDPLATFORM"
+		return d.builder.BaseName, cmp.Or(err, require(ok, "FROM --platform=%s %s, go.mod has %q",
+			d.builder.Platform, d.builder.BaseName, goDirective.Find(goMod)))
 	}},
 	{"builder: go mod download is a layer of its own, before the sources are copied", func(d *dockerfile) (string, error) {
 		copied := false
@@ -186,119 +161,92 @@ var dockerfileChecks = []check[*dockerfile]{
 				}
 				copied = true
 			}
-			if c, ok := c.(*instructions.RunCommand); ok && copied && strings.Contains(strings.Join(c.CmdLine, " "), "go mod download") {
+			if c, ok := c.(*instructions.RunCommand); ok && copied && strings.Contains(c.String(), "go mod download") {
 				return fmt.Sprintf("line %d", line(c)), nil
 			}
 		}
 		return "", errors.New("no RUN go mod download after COPY go.mod go.sum ./")
 	}},
-	{`builder: CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath -ldflags "-s -w -X main.version=$VERSION"`, func(d *dockerfile) (string, error) {
+	{"builder: CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH go build -trimpath " +
+		`-ldflags "-s -w -X main.version=$VERSION"`, func(d *dockerfile) (string, error) {
 		b := d.build
-		if b == nil {
+		if b.line == 0 {
 			return "", errors.New("no RUN with go build in the build stage")
 		}
-		var declared []string
+		var args []string // the stage's ARGs: undeclared, they are empty
 		for _, a := range commands[*instructions.ArgCommand](d.builder.Commands) {
 			for _, kv := range a.Args {
-				declared = append(declared, kv.Key)
+				args = append(args, "ARG "+kv.Key)
 			}
 		}
-		for _, w := range []struct {
-			where    string
-			in, want []string
-		}{
-			{"go build's environment", b.env, []string{"CGO_ENABLED=0", "GOOS=$TARGETOS", "GOARCH=$TARGETARCH"}},
-			{"go build's arguments", b.args, []string{"-trimpath", "-o"}},
-			{"-ldflags", strings.Fields(b.flag("-ldflags")), []string{"-s", "-w", "-X", "main.version=$VERSION"}},
-			{"the build stage's ARGs (undeclared, they are empty)", declared, []string{"TARGETOS", "TARGETARCH", "VERSION"}},
+		for _, w := range []struct{ in, want []string }{
+			{b.env, []string{"CGO_ENABLED=0", "GOOS=$TARGETOS", "GOARCH=$TARGETARCH"}},
+			{b.args, []string{"-trimpath", "-o"}},
+			{strings.Fields(b.flag("-ldflags")), []string{"-s", "-w", "-X", "main.version=$VERSION"}},
+			{args, []string{"ARG TARGETOS", "ARG TARGETARCH", "ARG VERSION"}},
 		} {
-			for _, want := range w.want {
-				if !slices.Contains(w.in, want) {
-					return "", fmt.Errorf("line %d: no %s in %s %q", b.line, want, w.where, w.in)
-				}
+			if i := slices.IndexFunc(w.want, func(s string) bool { return !slices.Contains(w.in, s) }); i >= 0 {
+				return "", fmt.Errorf("line %d: no %s in %q", b.line, w.want[i], w.in)
 			}
 		}
-		if slices.ContainsFunc(slices.Concat(d.img.buildEnv, d.img.buildArgs), func(w string) bool { return strings.Contains(w, "$") }) {
-			return "", fmt.Errorf("line %d: go build uses a variable the reproduction does not set", b.line)
-		}
-		return fmt.Sprintf("line %d", b.line), nil
+		expanded := strings.Join(slices.Concat(d.buildEnv, d.buildArgs), " ")
+		return fmt.Sprintf("line %d", b.line), require(!strings.Contains(expanded, "$"),
+			"line %d: go build uses a variable the reproduction does not set: %s", b.line, expanded)
 	}},
-	{".dockerignore: the build context holds only go.mod, go.sum and non-test Go sources", func(d *dockerfile) (string, error) {
+	{".dockerignore: the build context is go.mod, go.sum and non-test Go sources", func(d *dockerfile) (string, error) {
 		for _, f := range d.context {
-			if f != "go.mod" && f != "go.sum" && (path.Dir(f) != "." || !strings.HasSuffix(f, ".go") || strings.HasSuffix(f, "_test.go")) {
+			source := path.Dir(f) == "." && strings.HasSuffix(f, ".go") && !strings.HasSuffix(f, "_test.go")
+			if f != "go.mod" && f != "go.sum" && !source {
 				return "", fmt.Errorf("%s would be sent to the builder", f)
 			}
 		}
 		return fmt.Sprintf("%d files", len(d.context)), nil
 	}},
-	{"builder: every COPY source is in the build context", func(d *dockerfile) (string, error) {
-		for _, c := range commands[*instructions.CopyCommand](d.builder.Commands) {
-			for _, src := range c.SourcePaths {
-				if !slices.ContainsFunc(d.context, func(f string) bool { return match(src, f) }) || c.DestPath != "./" && c.DestPath != "." {
-					return "", fmt.Errorf("line %d: %s, want sources that match files in the build context, copied to the WORKDIR ./", line(c), c)
-				}
-			}
-		}
-		return strings.Join(d.img.buildFiles, " "), nil
+	{"builder: every COPY source is in the build context, copied to the WORKDIR", func(d *dockerfile) (string, error) {
+		outside := func(src string) bool { return matching([]string{src}, d.context) == nil }
+		return strings.Join(d.buildFiles, " "), offending(commands[*instructions.CopyCommand](d.builder.Commands),
+			func(c *instructions.CopyCommand) bool {
+				return c.DestPath != "./" && c.DestPath != "." || slices.ContainsFunc(c.SourcePaths, outside)
+			})
 	}},
 	{"final stage: FROM scratch, only COPY USER EXPOSE ENV ENTRYPOINT LABEL", func(d *dockerfile) (string, error) {
-		if d.final.BaseName != "scratch" {
-			return "", fmt.Errorf("FROM %s", d.final.BaseName)
-		}
-		for _, c := range d.final.Commands {
-			if !slices.Contains([]string{"COPY", "USER", "EXPOSE", "ENV", "ENTRYPOINT", "LABEL"}, c.Name()) {
-				return "", fmt.Errorf("line %d: %s", line(c), c)
-			}
-		}
-		return "", nil
+		allowed := []string{"COPY", "USER", "EXPOSE", "ENV", "ENTRYPOINT", "LABEL"}
+		return "", cmp.Or(require(d.final.BaseName == "scratch", "FROM %s", d.final.BaseName),
+			offending(d.final.Commands, func(c instructions.Command) bool { return !slices.Contains(allowed, c.Name()) }))
 	}},
 	{"final stage: ENTRYPOINT is the exec form of one binary (scratch has no shell)", func(d *dockerfile) (string, error) {
-		if ep := d.entrypoint; ep == nil || ep.PrependShell || len(ep.CmdLine) != 1 || !path.IsAbs(ep.CmdLine[0]) {
-			return "", fmt.Errorf("%v, want ENTRYPOINT [\"/<binary>\"]: the shell form needs /bin/sh", ep)
-		}
-		return d.img.binary, nil
+		ep := d.entrypoint
+		ok := ep != nil && !ep.PrependShell && len(ep.CmdLine) == 1 && path.IsAbs(ep.CmdLine[0])
+		return d.binary, require(ok, "%v, want ENTRYPOINT [\"/<binary>\"]: the shell form needs /bin/sh", ep)
 	}},
-	{"final stage: copies exactly the built binary and the CA bundle from the builder", func(d *dockerfile) (string, error) {
+	{"final stage: copies exactly the binary and the CA bundle from the builder", func(d *dockerfile) (string, error) {
 		var copies []string
 		for _, c := range commands[*instructions.CopyCommand](d.final.Commands) {
-			if c.From != d.builder.Name || len(c.SourcePaths) != 1 {
-				return "", fmt.Errorf("line %d: %s, want one file from stage %s", line(c), c, d.builder.Name)
-			}
-			copies = append(copies, c.SourcePaths[0]+" "+c.DestPath)
+			copies = append(copies, fmt.Sprintf("--from=%s %s %s", c.From, strings.Join(c.SourcePaths, " "), c.DestPath))
 		}
-		want := []string{caBundle + " " + caBundle}
-		if d.build != nil {
-			want = append(want, d.build.flag("-o")+" "+d.img.binary)
-		}
-		if slices.Sort(copies); !slices.Equal(copies, want) {
-			return "", fmt.Errorf("copies %q, want %q", copies, want)
-		}
-		return strings.Join(copies, ", "), nil
+		from := "--from=" + d.builder.Name + " "
+		expected := []string{from + caBundle + " " + caBundle, from + d.build.flag("-o") + " " + d.binary}
+		slices.Sort(copies)
+		slices.Sort(expected)
+		return strings.Join(copies, ", "), unequal(want{"its COPY lines", copies, expected})
 	}},
 	{"final stage: USER is a numeric non-root uid:gid", func(d *dockerfile) (string, error) {
-		if fmt.Sprintf("%d:%d", d.img.uid, d.img.gid) != d.img.user || d.img.uid == 0 || d.img.gid == 0 {
-			return "", fmt.Errorf("USER %q, want numeric uid:gid, neither 0", d.img.user)
-		}
-		return d.img.user, nil
+		ok := fmt.Sprintf("%d:%d", d.uid, d.gid) == d.user && d.uid != 0 && d.gid != 0
+		return d.user, require(ok, "USER %q", d.user)
 	}},
 	{"final stage: EXPOSE one TCP port", func(d *dockerfile) (string, error) {
-		if d.img.port <= 0 {
-			return "", fmt.Errorf("EXPOSE %v", d.ports)
-		}
-		return d.ports[0], nil
+		return strings.Join(d.ports, " "), require(d.port > 0, "EXPOSE %v", d.ports)
 	}},
-	{"final stage: ENV CONFIG_PATH is an absolute path", func(d *dockerfile) (string, error) {
-		if !path.IsAbs(d.img.configPath) || strings.Contains(strings.Join(d.img.env, " "), "$") {
-			return "", fmt.Errorf("ENV %q, want CONFIG_PATH=/<path>, and no variables", d.img.env)
-		}
-		return d.img.configPath, nil
+	{"final stage: ENV CONFIG_PATH is an absolute path, no ENV uses a variable", func(d *dockerfile) (string, error) {
+		ok := path.IsAbs(d.configPath) && !strings.Contains(strings.Join(d.env, " "), "$")
+		return d.configPath, require(ok, "ENV %q", d.env)
 	}},
 	{"no secrets: no ADD, no secret mount, no ARG or ENV named like a credential", func(d *dockerfile) (string, error) {
-		for _, c := range d.all {
+		return "", offending(d.all, func(c instructions.Command) bool {
 			var names []string // of ARGs, ENVs and RUN --mount types
 			switch c := c.(type) {
 			case *instructions.AddCommand:
-				return "", fmt.Errorf("line %d: %s", line(c), c)
+				return true
 			case *instructions.RunCommand:
 				for _, m := range instructions.GetMounts(c) {
 					names = append(names, string(m.Type))
@@ -312,11 +260,8 @@ var dockerfileChecks = []check[*dockerfile]{
 					names = append(names, kv.Key)
 				}
 			}
-			if slices.ContainsFunc(names, credential.MatchString) {
-				return "", fmt.Errorf("line %d: %s", line(c), c)
-			}
-		}
-		return "", nil
+			return slices.ContainsFunc(names, credential.MatchString)
+		})
 	}},
 }
 
@@ -334,18 +279,50 @@ func commands[T instructions.Command](cs []instructions.Command) []T {
 // line is where c starts in the Dockerfile.
 func line(c instructions.Command) int { return c.Location()[0].Start.Line }
 
-// match reports whether a COPY source pattern matches the context file f.
-func match(pattern, f string) bool {
-	ok, _ := path.Match(pattern, f)
-	return ok
+// offending returns "line N: INSTRUCTION" for the first of cs that bad
+// reports, or nil.
+func offending[T instructions.Command](cs []T, bad func(T) bool) error {
+	if i := slices.IndexFunc(cs, bad); i >= 0 {
+		return fmt.Errorf("line %d: %v", line(cs[i]), cs[i])
+	}
+	return nil
+}
+
+// matching returns the files that one of the COPY source patterns matches.
+func matching(patterns, files []string) []string {
+	var out []string
+	for _, f := range files {
+		for _, p := range patterns {
+			if ok, _ := path.Match(p, f); ok {
+				out = append(out, f)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// goBuild is a go build command: the words before "go", and those after it;
+// its zero value is none.
+type goBuild struct {
+	line      int
+	env, args []string
+}
+
+// flag returns the word after name in the go build arguments.
+func (b goBuild) flag(name string) string {
+	if i := slices.Index(b.args, name); i >= 0 && i+1 < len(b.args) {
+		return b.args[i+1]
+	}
+	return ""
 }
 
 // findGoBuild returns the go build among the commands of a RUN line, split
 // at && || and ;, with the variables in env expanded.
-func findGoBuild(lex *shell.Lex, run *instructions.RunCommand, env shell.EnvGetter) (*goBuild, error) {
+func findGoBuild(lex *shell.Lex, run *instructions.RunCommand, env shell.EnvGetter) (goBuild, error) {
 	words, err := lex.ProcessWords(strings.Join(run.CmdLine, " "), env)
 	if err != nil {
-		return nil, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
+		return goBuild{}, fmt.Errorf("line %d of the Dockerfile: %w", line(run), err)
 	}
 	for len(words) > 0 {
 		end := slices.IndexFunc(words, func(w string) bool { return w == "&&" || w == "||" || w == ";" })
@@ -356,10 +333,10 @@ func findGoBuild(lex *shell.Lex, run *instructions.RunCommand, env shell.EnvGett
 		words = words[min(end+1, len(words)):]
 		i := slices.IndexFunc(cmd, func(w string) bool { return !strings.Contains(w, "=") })
 		if i >= 0 && i+1 < len(cmd) && cmd[i] == "go" && cmd[i+1] == "build" {
-			return &goBuild{line: line(run), env: cmd[:i:i], args: cmd[i+1:]}, nil
+			return goBuild{line: line(run), env: cmd[:i:i], args: cmd[i+1:]}, nil
 		}
 	}
-	return nil, nil
+	return goBuild{}, nil
 }
 
 // buildContext lists the repository files docker build would send, after

@@ -47,10 +47,10 @@ var (
 )
 
 // manifests are the rendered objects, those of the kinds the checks read
-// decoded into their Kubernetes types.
+// decoded into their Kubernetes types, and the image they run.
 type manifests struct {
 	repo    string
-	img     *image
+	img     *dockerfile
 	objects []object
 	strict  []string // fields the objects' types do not have, and duplicate keys
 	ns      corev1.Namespace
@@ -69,12 +69,17 @@ type object struct {
 	doc []byte // YAML
 }
 
-// loadManifests splits kubectl kustomize output into objects and decodes
-// the kinds the checks read.
-func loadManifests(repo string, rendered []byte, img *image) (*manifests, error) {
+// loadManifests splits the rendered file (kubectl kustomize output) into
+// objects and decodes the kinds the checks read.
+func loadManifests(repo, rendered string, img *dockerfile) (*manifests, error) {
+	data, err := os.ReadFile(rendered)
+	if err != nil {
+		return nil, err
+	}
 	m := &manifests{repo: repo, img: img, c: &corev1.Container{}, port: -1}
-	typed := map[string]any{"Namespace": &m.ns, "ServiceAccount": &m.sa, "ConfigMap": &m.cm, "Deployment": &m.deploy, "Service": &m.svc}
-	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(rendered)))
+	typed := map[string]any{"Namespace": &m.ns, "ServiceAccount": &m.sa, "ConfigMap": &m.cm,
+		"Deployment": &m.deploy, "Service": &m.svc}
+	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
 	for {
 		doc, err := docs.Read()
 		if err == io.EOF {
@@ -130,16 +135,14 @@ var manifestChecks = []check[*manifests]{
 		entries, err := os.ReadDir(filepath.Join(m.repo, "k8s"))
 		var got []string
 		for _, e := range entries {
-			if e.IsDir() && e.Name() == "monitoring" {
-				continue // its own kustomization, checked by .ci/monitoring
+			if !e.IsDir() || e.Name() != "monitoring" { // its own kustomization, checked by .ci/monitoring
+				got = append(got, e.Name())
 			}
-			got = append(got, e.Name())
 		}
-		files := append(slices.Clone(k8sFiles), "kustomization.yaml")
-		slices.Sort(files)
+		files := slices.Sorted(slices.Values(append(slices.Clone(k8sFiles), "kustomization.yaml")))
 		return strings.Join(got, " "), cmp.Or(err, unequal(want{"k8s/", got, files}))
 	}},
-	{"kustomization.yaml lists the five manifests and mentions no secret, even in a comment", func(m *manifests) (string, error) {
+	{"kustomization.yaml lists the five manifests, says no secret even in a comment", func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, "k8s", "kustomization.yaml"))
 		var k struct {
 			Namespace string
@@ -148,22 +151,21 @@ var manifestChecks = []check[*manifests]{
 		if err == nil {
 			err = yaml.Unmarshal(data, &k)
 		}
-		return "namespace " + k.Namespace, cmp.Or(err, unequal(want{"namespace", k.Namespace, namespaceName}, want{"resources", k.Resources, k8sFiles},
+		return "namespace " + k.Namespace, cmp.Or(err, unequal(want{"namespace", k.Namespace, namespaceName},
+			want{"resources", k.Resources, k8sFiles},
 			want{`the word "secret"`, bytes.Contains(bytes.ToLower(data), []byte("secret")), false}))
 	}},
-	{"kubectl kustomize renders exactly Namespace, ServiceAccount, ConfigMap, Deployment, Service", func(m *manifests) (string, error) {
+	{"renders exactly a Namespace, ServiceAccount, ConfigMap, Deployment and Service", func(m *manifests) (string, error) {
 		var kinds []string
 		for _, o := range m.objects {
 			kinds = append(kinds, o.Kind)
 		}
 		slices.Sort(kinds)
-		return fmt.Sprintf("%d objects", len(m.objects)), unequal(want{"the rendered kinds (no Ingress, no Secret, nothing else)", kinds, []string{"ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"}})
+		return fmt.Sprintf("%d objects", len(m.objects)), unequal(want{"the rendered kinds (no Ingress, no Secret)",
+			kinds, []string{"ConfigMap", "Deployment", "Namespace", "Service", "ServiceAccount"}})
 	}},
-	{"every object decodes strictly as its Kubernetes type: no unknown or misspelt field", func(m *manifests) (string, error) {
-		if len(m.strict) > 0 {
-			return "", errors.New(strings.Join(m.strict, "; "))
-		}
-		return "", nil
+	{"every object decodes strictly as its type: no unknown or misspelt field", func(m *manifests) (string, error) {
+		return "", require(len(m.strict) == 0, "%s", strings.Join(m.strict, "; "))
 	}},
 	{"no Secret: no object kind or field anywhere names a secret", func(m *manifests) (string, error) {
 		for _, o := range m.objects {
@@ -188,25 +190,28 @@ var manifestChecks = []check[*manifests]{
 		return "", unequal(wants...)
 	}},
 	{"Namespace enforces the restricted Pod Security Standard", func(m *manifests) (string, error) {
-		return "", unequal(want{"label pod-security.kubernetes.io/enforce", m.ns.Labels["pod-security.kubernetes.io/enforce"], "restricted"})
+		label := "pod-security.kubernetes.io/enforce"
+		return "", unequal(want{"label " + label, m.ns.Labels[label], "restricted"})
 	}},
 	{"Deployment runs one replica, rolling with maxUnavailable 0 and maxSurge 1", func(m *manifests) (string, error) {
 		// The single pod is replaced only once its successor is ready.
 		zero, one := intstr.FromInt32(0), intstr.FromInt32(1)
-		return "", unequal(want{"replicas", m.deploy.Spec.Replicas, ptr.To[int32](1)}, want{"strategy", m.deploy.Spec.Strategy,
-			appsv1.DeploymentStrategy{Type: appsv1.RollingUpdateDeploymentStrategyType, RollingUpdate: &appsv1.RollingUpdateDeployment{MaxUnavailable: &zero, MaxSurge: &one}}})
+		return "", unequal(want{"replicas", m.deploy.Spec.Replicas, ptr.To[int32](1)},
+			want{"strategy", m.deploy.Spec.Strategy, appsv1.DeploymentStrategy{Type: appsv1.RollingUpdateDeploymentStrategyType,
+				RollingUpdate: &appsv1.RollingUpdateDeployment{MaxUnavailable: &zero, MaxSurge: &one}}})
 	}},
 	{"exactly one container, no init or ephemeral containers (no sidecar)", func(m *manifests) (string, error) {
-		return m.c.Name, unequal(want{"containers", len(m.pod.Containers), 1}, want{"init containers", len(m.pod.InitContainers), 0}, want{"ephemeral containers", len(m.pod.EphemeralContainers), 0})
+		return m.c.Name, unequal(want{"containers", len(m.pod.Containers), 1},
+			want{"init containers", len(m.pod.InitContainers), 0},
+			want{"ephemeral containers", len(m.pod.EphemeralContainers), 0})
 	}},
 	{"no imagePullSecrets; public image with an explicit tag", func(m *manifests) (string, error) {
 		name, tag, _ := strings.Cut(path.Base(m.c.Image), ":")
-		if !strings.HasPrefix(m.c.Image, "ghcr.io/") || name == "" || tag == "" || tag == "latest" {
-			return "", fmt.Errorf("image %q, want ghcr.io/<owner>/<name>:<release tag>", m.c.Image)
-		}
-		return m.c.Image, unequal(want{"imagePullSecrets", m.pod.ImagePullSecrets, []corev1.LocalObjectReference(nil)})
+		ok := strings.HasPrefix(m.c.Image, "ghcr.io/") && name != "" && tag != "" && tag != "latest"
+		return m.c.Image, cmp.Or(require(ok, "image %q, want ghcr.io/<owner>/<name>:<release tag>", m.c.Image),
+			unequal(want{"imagePullSecrets", m.pod.ImagePullSecrets, []corev1.LocalObjectReference(nil)}))
 	}},
-	{"no tailscale container, env, volume or mount: the Deployment never names tailscale", func(m *manifests) (string, error) {
+	{"the Deployment never names tailscale (no sidecar, env, volume or mount)", func(m *manifests) (string, error) {
 		for _, o := range m.objects {
 			if o.Kind == "Deployment" && bytes.Contains(bytes.ToLower(o.doc), []byte("tailscale")) {
 				return "", errors.New(`the rendered Deployment contains "tailscale"`)
@@ -222,8 +227,9 @@ var manifestChecks = []check[*manifests]{
 			}
 		}
 		// The image's ENTRYPOINT and CONFIG_PATH are used as they are.
-		return "", unequal(want{"hostNetwork", m.pod.HostNetwork, false}, want{"hostPID", m.pod.HostPID, false}, want{"hostIPC", m.pod.HostIPC, false},
-			want{"command", m.c.Command, []string(nil)}, want{"args", m.c.Args, []string(nil)}, want{"envFrom", m.c.EnvFrom, []corev1.EnvFromSource(nil)},
+		return "", unequal(want{"hostNetwork", m.pod.HostNetwork, false}, want{"hostPID", m.pod.HostPID, false},
+			want{"hostIPC", m.pod.HostIPC, false}, want{"command", m.c.Command, []string(nil)},
+			want{"args", m.c.Args, []string(nil)}, want{"envFrom", m.c.EnvFrom, []corev1.EnvFromSource(nil)},
 			want{"env with valueFrom", valueFrom, []string(nil)})
 	}},
 	{"the container port is the config's listen port and the image's EXPOSE", func(m *manifests) (string, error) {
@@ -232,33 +238,28 @@ var manifestChecks = []check[*manifests]{
 			listen = l[1]
 		}
 		return fmt.Sprint(m.port), unequal(want{"the number of container ports", len(m.c.Ports), 1},
-			want{"config.toml's listen_addr port", listen, strconv.Itoa(int(m.port))}, want{"the Dockerfile's EXPOSE", m.img.port, m.port})
+			want{"config.toml's listen_addr port", listen, strconv.Itoa(int(m.port))},
+			want{"the Dockerfile's EXPOSE", m.img.port, m.port})
 	}},
 	{"startup, readiness and liveness probes GET /health on the container port", func(m *manifests) (string, error) {
 		var wants []want
 		for i, p := range []*corev1.Probe{m.c.StartupProbe, m.c.ReadinessProbe, m.c.LivenessProbe} {
-			name := []string{"startup", "readiness", "liveness"}[i] + " probe's httpGet scheme, path and port"
 			g := ptr.Deref(ptr.Deref(p, corev1.Probe{}).HTTPGet, corev1.HTTPGetAction{})
-			got := []any{cmp.Or(g.Scheme, corev1.URISchemeHTTP), g.Path, m.resolve(g.Port)}
-			wants = append(wants, want{name, got, []any{corev1.URISchemeHTTP, "/health", m.port}})
+			wants = append(wants, want{[]string{"startup", "readiness", "liveness"}[i] + " probe's httpGet scheme, path, port",
+				[]any{cmp.Or(g.Scheme, corev1.URISchemeHTTP), g.Path, m.resolve(g.Port)},
+				[]any{corev1.URISchemeHTTP, "/health", m.port}})
 		}
 		return "", unequal(wants...)
 	}},
-	{"pod security context: runAsNonRoot, the image's user and group, RuntimeDefault seccomp", func(m *manifests) (string, error) {
-		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
-		return "", unequal(m.runsAsImage(ps.RunAsNonRoot, ps.RunAsUser, ps.RunAsGroup, ps.SeccompProfile)...)
+	{"pod security context: non-root, the image's uid:gid, RuntimeDefault seccomp", func(m *manifests) (string, error) {
+		return "", unequal(want{"securityContext", m.pod.SecurityContext, &corev1.PodSecurityContext{
+			RunAsNonRoot: ptr.To(true), RunAsUser: &m.img.uid, RunAsGroup: &m.img.gid, SeccompProfile: runtimeDefault}})
 	}},
-	{"container security context: runAsNonRoot, readOnlyRootFilesystem, no privilege escalation, capabilities drop ALL", func(m *manifests) (string, error) {
-		// The fields the container leaves unset are the pod's.
-		ps := ptr.Deref(m.pod.SecurityContext, corev1.PodSecurityContext{})
-		s := ptr.Deref(m.c.SecurityContext, corev1.SecurityContext{})
-		wants := m.runsAsImage(cmp.Or(s.RunAsNonRoot, ps.RunAsNonRoot), cmp.Or(s.RunAsUser, ps.RunAsUser), cmp.Or(s.RunAsGroup, ps.RunAsGroup), cmp.Or(s.SeccompProfile, ps.SeccompProfile))
-		wants = append(wants,
-			want{"readOnlyRootFilesystem", s.ReadOnlyRootFilesystem, ptr.To(true)},
-			want{"allowPrivilegeEscalation", s.AllowPrivilegeEscalation, ptr.To(false)},
-			want{"privileged", ptr.Deref(s.Privileged, false), false},
-			want{"capabilities", s.Capabilities, &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}})
-		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), unequal(wants...)
+	{"container security context: the pod's, read-only root, no privilege, drop ALL", func(m *manifests) (string, error) {
+		return fmt.Sprintf("uid %d gid %d", m.img.uid, m.img.gid), unequal(want{"securityContext", m.c.SecurityContext,
+			&corev1.SecurityContext{RunAsNonRoot: ptr.To(true), RunAsUser: &m.img.uid, RunAsGroup: &m.img.gid,
+				SeccompProfile: runtimeDefault, ReadOnlyRootFilesystem: ptr.To(true), Privileged: ptr.To(false),
+				AllowPrivilegeEscalation: ptr.To(false), Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}}}})
 	}},
 	{"CPU and memory requests and limits are set, requests within limits", func(m *manifests) (string, error) {
 		var parts []string
@@ -281,24 +282,25 @@ var manifestChecks = []check[*manifests]{
 		}
 		g := goMemLimit.FindStringSubmatch(val)
 		if g == nil {
-			return "", fmt.Errorf("GOMEMLIMIT %q, want a byte count the Go runtime reads, like 110MiB: Go does not read the container's memory limit", val)
+			return "", fmt.Errorf("GOMEMLIMIT %q, want a byte count the Go runtime reads, like 110MiB", val)
 		}
 		soft, err := resource.ParseQuantity(g[1] + strings.TrimSuffix(g[2], "B")) // 110MiB is 110Mi
 		limit := m.c.Resources.Limits[corev1.ResourceMemory]
 		ratio := soft.AsApproximateFloat64() / limit.AsApproximateFloat64()
-		if err != nil || soft.Cmp(limit) >= 0 || ratio < 0.8 {
-			return "", fmt.Errorf("GOMEMLIMIT %s = %d B, memory limit %s = %d B (%v)", val, soft.Value(), &limit, limit.Value(), err)
-		}
-		return fmt.Sprintf("%s = %d B is %.0f%% of %s = %d B", val, soft.Value(), 100*ratio, &limit, limit.Value()), nil
+		ok := err == nil && soft.Cmp(limit) < 0 && ratio >= 0.8
+		return fmt.Sprintf("%s is %.0f%% of %s", val, 100*ratio, &limit),
+			require(ok, "GOMEMLIMIT %s = %d B, memory limit %s = %d B", val, soft.Value(), &limit, limit.Value())
 	}},
-	{fmt.Sprintf("preStop sleep + %d s drain < terminationGracePeriodSeconds", drainSeconds), func(m *manifests) (string, error) {
-		preStop := ptr.Deref(ptr.Deref(m.c.Lifecycle, corev1.Lifecycle{}).PreStop, corev1.LifecycleHandler{})
-		sleep, grace := ptr.Deref(preStop.Sleep, corev1.SleepAction{}).Seconds, ptr.Deref(m.pod.TerminationGracePeriodSeconds, 0)
-		if sleep <= 0 || sleep+drainSeconds >= grace {
-			return "", fmt.Errorf("lifecycle.preStop.sleep %d s + drain %d s, grace period %d s: want a sleep, so that the pod leaves the Service endpoints before SIGTERM, and the sum below the grace period", sleep, drainSeconds, grace)
-		}
-		return fmt.Sprintf("%d s + %d s < %d s", sleep, drainSeconds, grace), nil
-	}},
+	{fmt.Sprintf("preStop sleep + %d s drain < terminationGracePeriodSeconds", drainSeconds),
+		func(m *manifests) (string, error) {
+			// The pod leaves the Service endpoints during the sleep, before SIGTERM.
+			preStop := ptr.Deref(ptr.Deref(m.c.Lifecycle, corev1.Lifecycle{}).PreStop, corev1.LifecycleHandler{})
+			sleep := ptr.Deref(preStop.Sleep, corev1.SleepAction{}).Seconds
+			grace := ptr.Deref(m.pod.TerminationGracePeriodSeconds, 0)
+			detail := fmt.Sprintf("%d s + %d s < %d s", sleep, drainSeconds, grace)
+			return detail, require(sleep > 0 && sleep+drainSeconds < grace,
+				"preStop sleep %d s + drain %d s, grace period %d s", sleep, drainSeconds, grace)
+		}},
 	{"automountServiceAccountToken is false on the pod and its ServiceAccount", func(m *manifests) (string, error) {
 		return "", unequal(want{"the pod's serviceAccountName", m.pod.ServiceAccountName, m.sa.Name},
 			want{"the pod's automountServiceAccountToken", m.pod.AutomountServiceAccountToken, ptr.To(false)},
@@ -306,7 +308,9 @@ var manifestChecks = []check[*manifests]{
 	}},
 	{"Prometheus annotations scrape /metrics on the container port", func(m *manifests) (string, error) {
 		a := m.deploy.Spec.Template.Annotations
-		return "", unequal(want{"the pod's prometheus.io annotations", []string{a["prometheus.io/scrape"], a["prometheus.io/path"], a["prometheus.io/port"]}, []string{"true", "/metrics", strconv.Itoa(int(m.port))}})
+		return "", unequal(want{"the pod's prometheus.io annotations",
+			[]string{a["prometheus.io/scrape"], a["prometheus.io/path"], a["prometheus.io/port"]},
+			[]string{"true", "/metrics", strconv.Itoa(int(m.port))}})
 	}},
 	{"the ConfigMap is mounted read-only where the image's CONFIG_PATH points", func(m *manifests) (string, error) {
 		for _, v := range m.pod.Volumes {
@@ -321,38 +325,35 @@ var manifestChecks = []check[*manifests]{
 				}
 			}
 			vm := m.c.VolumeMounts[i]
-			return m.img.configPath, unequal(want{"the mounted config.toml", path.Join(vm.MountPath, file), m.img.configPath}, want{"readOnly", vm.ReadOnly, true}, want{"subPath", vm.SubPath, ""})
+			return m.img.configPath, unequal(want{"the mounted config.toml", path.Join(vm.MountPath, file), m.img.configPath},
+				want{"readOnly", vm.ReadOnly, true}, want{"subPath", vm.SubPath, ""})
 		}
 		return "", fmt.Errorf("no mounted volume from ConfigMap %s", m.cm.Name)
 	}},
 	{"the ConfigMap's config.toml is byte-identical to " + exampleConfig, func(m *manifests) (string, error) {
 		data, err := os.ReadFile(filepath.Join(m.repo, exampleConfig))
-		if err != nil {
-			return "", err
-		}
 		got, example := m.cm.Data[configKey], string(data)
-		if got != example {
-			n := 0
-			for n < min(len(got), len(example)) && got[n] == example[n] {
-				n++
-			}
-			return "", fmt.Errorf("from line %d on, the ConfigMap has %q, the file %q", strings.Count(got[:n], "\n")+1, got[n:min(n+40, len(got))], example[n:min(n+40, len(example))])
+		n := 0 // the length of their common start
+		for n < min(len(got), len(example)) && got[n] == example[n] {
+			n++
 		}
-		return fmt.Sprintf("%d bytes", len(example)), nil
+		return fmt.Sprintf("%d bytes", len(example)), cmp.Or(err, require(got == example,
+			"from line %d on, the ConfigMap has %q, the file %q", strings.Count(got[:n], "\n")+1,
+			got[n:min(n+40, len(got))], example[n:min(n+40, len(example))]))
 	}},
-	{"Service is a ClusterIP with the two Tailscale Operator annotations and nothing more", func(m *manifests) (string, error) {
+	{"Service: a ClusterIP with the two Tailscale Operator annotations, nothing more", func(m *manifests) (string, error) {
 		tailscale := maps.Clone(m.svc.Annotations)
 		maps.DeleteFunc(tailscale, func(k, _ string) bool { return !strings.Contains(k, "tailscale") })
-		return fmt.Sprintf("hostname %q", tailscale["tailscale.com/hostname"]), unequal(want{"type", m.svc.Spec.Type, corev1.ServiceTypeClusterIP},
+		return fmt.Sprintf("hostname %q", tailscale["tailscale.com/hostname"]), unequal(
+			want{"type", m.svc.Spec.Type, corev1.ServiceTypeClusterIP},
 			want{"loadBalancerClass", m.svc.Spec.LoadBalancerClass, (*string)(nil)},
-			want{"the tailscale annotations", tailscale, map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}})
+			want{"annotations", tailscale,
+				map[string]string{"tailscale.com/expose": "true", "tailscale.com/hostname": tailnetName}})
 	}},
 	{"the Service hostname is a valid DNS label", func(m *manifests) (string, error) {
 		h := m.svc.Annotations["tailscale.com/hostname"]
-		if problems := validation.IsDNS1123Label(h); len(problems) > 0 {
-			return "", fmt.Errorf("%q: %s", h, strings.Join(problems, "; "))
-		}
-		return "", nil
+		problems := validation.IsDNS1123Label(h)
+		return "", require(len(problems) == 0, "%q: %s", h, strings.Join(problems, "; "))
 	}},
 	{"the Service selects the pod and serves the container port on the same port", func(m *manifests) (string, error) {
 		s, pod := m.svc.Spec, labels.Set(m.deploy.Spec.Template.Labels)
@@ -360,22 +361,19 @@ var manifestChecks = []check[*manifests]{
 		if err != nil {
 			return "", err
 		}
+		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || !deploy.Matches(pod) {
+			return "", fmt.Errorf("service selector %v, deployment selector %v, pod labels %v", s.Selector, deploy, pod)
+		}
 		var ports []int32
 		for _, p := range s.Ports {
 			ports = append(ports, p.Port, m.resolve(p.TargetPort))
 		}
-		if len(s.Selector) == 0 || !labels.SelectorFromSet(s.Selector).Matches(pod) || !deploy.Matches(pod) {
-			return "", fmt.Errorf("service selector %v, deployment selector %v, pod labels %v", s.Selector, deploy, pod)
-		}
-		return fmt.Sprintf("tailnet clients use http://%s:%d", tailnetName, m.port), unequal(want{"the Service's port and target port", ports, []int32{m.port, m.port}})
+		return fmt.Sprintf("tailnet clients use http://%s:%d", tailnetName, m.port),
+			unequal(want{"the Service's port and target port", ports, []int32{m.port, m.port}})
 	}},
 }
 
-// runsAsImage lists what a pod's or a container's security context must hold.
-func (m *manifests) runsAsImage(nonRoot *bool, uid, gid *int64, seccomp *corev1.SeccompProfile) []want {
-	return []want{{"runAsNonRoot", nonRoot, ptr.To(true)}, {"runAsUser:runAsGroup (the image's USER)", []*int64{uid, gid}, []*int64{&m.img.uid, &m.img.gid}},
-		{"seccompProfile", seccomp, &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}}}
-}
+var runtimeDefault = &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}
 
 // resolve returns the number of a port given by number or by the container's port name.
 func (m *manifests) resolve(p intstr.IntOrString) int32 {
