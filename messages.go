@@ -113,8 +113,9 @@ func (sc *streamScanner) write(p []byte) {
 	}
 }
 
-// maxSoughtKey is the longest key, in bytes, objectScanner can look for.
-const maxSoughtKey = 8
+// maxSoughtKey is the longest key, in bytes, objectScanner can look for:
+// "cache_creation_input_tokens".
+const maxSoughtKey = 27
 
 // objectScanner finds chosen keys at the top level of a JSON object fed to
 // it in pieces, as the body arrives, and captures their values, raw:
@@ -138,8 +139,8 @@ type objectScanner struct {
 	found  int  // 1 + the index of the sought key just read; 0 for another
 
 	// The value of a sought key.
-	scalar bool    // it is a number, true, false or null, held in val
-	val    [5]byte // a scalar's bytes: enough for true, false and null
+	scalar bool     // it is a number, true, false or null, held in val
+	val    [20]byte // a scalar's bytes: enough for any int64 count
 	valLen int
 	buf    []byte // a string's, object's or array's bytes
 	over   bool   // it is longer than the capture allows

@@ -63,6 +63,15 @@ type usageScanner struct {
 	modelErr  bool // the last top-level "model" is malformed
 	usageErrs int  // malformed values in the last top-level "usage"
 
+	// Room for the values captured, so that the usual response allocates
+	// nothing more (a longer value grows its slice): a message_start line
+	// and its "message" are about 500 bytes, a usage object 300, a model
+	// name 30.
+	capture  [1 << 10]byte
+	inner    [512]byte
+	dataBuf  [768]byte
+	modelBuf [128]byte
+
 	// A streamed body.
 	line    lineState
 	head    [64]byte // the first bytes of a line split across writes: "event: message_delta\r" and `data: {"type":"message_delta"` fit
@@ -101,6 +110,7 @@ const (
 // init makes u ready for a body, streamed (SSE) or not (JSON).
 func (u *usageScanner) init(stream bool) {
 	*u = usageScanner{stream: stream}
+	u.obj.buf = u.capture[:0]
 }
 
 // write feeds the next bytes of the body. It never keeps or modifies p.
@@ -141,17 +151,18 @@ func (u *usageScanner) writeJSON(p []byte) {
 		}
 		v, whole := u.obj.value()
 		if usageKeys[k] == "model" {
-			u.model, u.modelErr = "", true
-			if m, ok := modelName(v); whole && ok {
-				u.model, u.modelErr = m, false
+			name, bad := u.modelBytes(v, whole)
+			u.model, u.modelErr = "", bad
+			if !bad {
+				u.setModel(name)
 			}
 			continue
 		}
-		u.tokens, u.known, u.usageErrs = [numTokenTypes]int64{}, [numTokenTypes]bool{}, 1
-		var c *usageCounts // null stays nil
-		if whole && json.Unmarshal(v, &c) == nil {
-			u.usageErrs = u.addUsage(c)
+		c := usage{errs: 1}
+		if whole {
+			c = readUsage(v)
 		}
+		u.tokens, u.known, u.usageErrs = c.tokens, c.known, c.errs
 	}
 }
 
@@ -192,7 +203,7 @@ func (u *usageScanner) writeSSE(p []byte) {
 			case lineKept:
 				u.line = lineData
 				if u.data == nil {
-					u.data = make([]byte, 0, 1<<10) // holds the usual line
+					u.data = u.dataBuf[:0] // holds the usual line
 				}
 				u.data = append(u.data[:0], h[len("data:"):]...)
 			}
@@ -312,82 +323,146 @@ func startOf(b []byte, s string) bool {
 	return len(b) <= len(s) && string(b) == s[:len(b)]
 }
 
-// usageCounts is a usage object as the API sends it, each count raw:
-// tokenCount reads it. Other fields (cache_creation, server_tool_use,
-// service_tier) are not read. As everywhere in encoding/json, a key that
-// differs from a field's only in case fills it too.
-type usageCounts struct {
-	InputTokens              json.RawMessage `json:"input_tokens"`
-	OutputTokens             json.RawMessage `json:"output_tokens"`
-	CacheReadInputTokens     json.RawMessage `json:"cache_read_input_tokens"`
-	CacheCreationInputTokens json.RawMessage `json:"cache_creation_input_tokens"`
+// usageKeysByType are the keys of a usage object, by tokenType.
+var usageKeysByType = []string{
+	tokenInput:         "input_tokens",
+	tokenOutput:        "output_tokens",
+	tokenCacheRead:     "cache_read_input_tokens",
+	tokenCacheCreation: "cache_creation_input_tokens",
 }
 
-// sseData is what the scanner reads of a data line it keeps: message_start
-// carries the model and the usage so far in "message", message_delta the
-// cumulative usage beside it.
-type sseData struct {
-	Type    string `json:"type"`
-	Message struct {
-		Model json.RawMessage `json:"model"`
-		Usage *usageCounts    `json:"usage"`
-	} `json:"message"`
-	Usage *usageCounts `json:"usage"`
+// usage is what one usage object gives: the counts it has, and how many of
+// them were malformed.
+type usage struct {
+	tokens [numTokenTypes]int64
+	known  [numTokenTypes]bool
+	errs   int
 }
 
-// readData decodes a kept data line: a line that is not JSON of that shape
-// is one parse error; one whose type is neither message_start nor
-// message_delta is ignored.
+// readUsage reads a usage object, raw: its four counts, at its top level
+// (cache_creation, server_tool_use and the rest are skipped). A value that
+// is not one JSON object is one malformed value; null gives nothing.
+func readUsage(v []byte) (u usage) {
+	if string(v) == "null" {
+		return u
+	}
+	var sc objectScanner
+	var bad [numTokenTypes]bool // the last value of that count is malformed
+	for len(v) > 0 {
+		n, k := sc.next(v, usageKeysByType, 0) // counts are scalars: nothing to capture
+		v = v[n:]
+		if k < 0 {
+			continue
+		}
+		raw, whole := sc.value()
+		count, known, malformed := tokenCount(raw)
+		bad[k] = malformed || !whole
+		u.tokens[k], u.known[k] = count, known && !bad[k]
+	}
+	if !sc.complete() {
+		return usage{errs: 1}
+	}
+	for _, b := range bad {
+		if b {
+			u.errs++
+		}
+	}
+	return u
+}
+
+// add takes the counts c gives: each replaces the count known before, as
+// message_delta's cumulative counts replace message_start's.
+func (u *usageScanner) add(c usage) {
+	for t, ok := range c.known {
+		if ok {
+			u.tokens[t], u.known[t] = c.tokens[t], true
+		}
+	}
+	u.errs += c.errs
+}
+
+// Keys of a kept SSE data line, and of its "message".
+var (
+	dataKeys    = []string{"type", "message", "usage"}
+	messageKeys = []string{"model", "usage"}
+)
+
+// readData reads a kept data line: message_start carries the model and the
+// usage so far in "message", message_delta the cumulative usage beside
+// it. A line that is not one JSON object is one parse error; one whose
+// type is neither is ignored.
 func (u *usageScanner) readData(line []byte) {
-	var d sseData
-	if json.Unmarshal(line, &d) != nil {
+	var sc objectScanner
+	sc.buf = u.capture[:0]
+	var typ [len("message_delta") + 2]byte
+	typLen := 0
+	var model []byte
+	modelSeen, modelBad := false, false
+	var start, delta usage
+	for len(line) > 0 {
+		n, k := sc.next(line, dataKeys, maxDataLine)
+		line = line[n:]
+		if k < 0 {
+			continue
+		}
+		v, whole := sc.value()
+		switch dataKeys[k] {
+		case "type":
+			typLen = copy(typ[:], v)
+			if len(v) > len(typ) {
+				typLen = 0
+			}
+		case "message":
+			if !whole {
+				continue
+			}
+			var inner objectScanner
+			inner.buf = u.inner[:0]
+			for len(v) > 0 {
+				n, k := inner.next(v, messageKeys, maxTopValue)
+				v = v[n:]
+				if k < 0 {
+					continue
+				}
+				w, whole := inner.value()
+				if messageKeys[k] == "model" {
+					modelSeen = true
+					model, modelBad = u.modelBytes(w, whole)
+				} else if whole {
+					start = readUsage(w)
+				} else {
+					start = usage{errs: 1}
+				}
+			}
+		case "usage":
+			if whole {
+				delta = readUsage(v)
+			} else {
+				delta = usage{errs: 1}
+			}
+		}
+	}
+	if !sc.complete() {
 		u.errs++
 		return
 	}
-	switch d.Type {
-	case "message_start":
-		if d.Message.Model != nil {
-			if m, ok := modelName(d.Message.Model); ok {
-				u.model = m
-			} else {
-				u.errs++
-			}
+	switch string(typ[:typLen]) {
+	case `"message_start"`:
+		if modelSeen && modelBad {
+			u.errs++
+		} else if modelSeen {
+			u.setModel(model)
 		}
-		u.errs += u.addUsage(d.Message.Usage)
-	case "message_delta":
-		u.errs += u.addUsage(d.Usage)
+		u.add(start)
+	case `"message_delta"`:
+		u.add(delta)
 	}
-}
-
-// addUsage takes the counts c gives (nil gives none): each replaces the
-// count known before, as message_delta's cumulative counts replace
-// message_start's. It returns how many counts were malformed.
-func (u *usageScanner) addUsage(c *usageCounts) (errs int) {
-	if c == nil {
-		return 0
-	}
-	raw := [numTokenTypes]json.RawMessage{
-		tokenInput:         c.InputTokens,
-		tokenOutput:        c.OutputTokens,
-		tokenCacheRead:     c.CacheReadInputTokens,
-		tokenCacheCreation: c.CacheCreationInputTokens,
-	}
-	for t, v := range raw {
-		n, known, bad := tokenCount(v)
-		if bad {
-			errs++
-		}
-		if known {
-			u.tokens[t], u.known[t] = n, true
-		}
-	}
-	return errs
 }
 
 // tokenCount reads a count: a JSON number that is a non-negative integer
 // within int64, without fraction, exponent or sign. Absent (empty) or null
 // is unknown, not malformed; anything else (-1, 1.5, 1e3, "12", true) is
-// malformed. v comes from encoding/json, so it is one valid JSON value.
+// malformed.
 func tokenCount(v []byte) (n int64, known, bad bool) {
 	if len(v) == 0 || string(v) == "null" {
 		return 0, false, false
@@ -402,12 +477,30 @@ func tokenCount(v []byte) (n int64, known, bad bool) {
 	return n, true, false
 }
 
-// modelName reads a model name: a JSON string (null is not one) of at most
-// maxModel bytes once unescaped.
-func modelName(v []byte) (string, bool) {
-	var s string
-	if len(v) == 0 || v[0] != '"' || json.Unmarshal(v, &s) != nil || len(s) > maxModel {
-		return "", false
+// modelBytes reads a model name: a JSON string (null is not one) of at
+// most maxModel bytes once unescaped, returned in u.modelBuf, or malformed.
+func (u *usageScanner) modelBytes(v []byte, whole bool) (name []byte, bad bool) {
+	if !whole || len(v) < 2 || v[0] != '"' {
+		return nil, true
 	}
-	return s, true
+	inner := v[1 : len(v)-1]
+	if bytes.IndexByte(inner, '\\') < 0 {
+		if len(inner) > maxModel {
+			return nil, true
+		}
+		return append(u.modelBuf[:0], inner...), false
+	}
+	var s string // written with escapes: rare
+	if json.Unmarshal(v, &s) != nil || len(s) > maxModel {
+		return nil, true
+	}
+	return append(u.modelBuf[:0], s...), false
+}
+
+// setModel records the model the response names. The string is made once
+// per name change: a stream names it once.
+func (u *usageScanner) setModel(name []byte) {
+	if string(name) != u.model {
+		u.model = string(name)
+	}
 }

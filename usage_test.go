@@ -377,23 +377,21 @@ func jsonUsage(body []byte) (r usageResult, ok bool) {
 	if !ok {
 		return r, true
 	}
-	var u struct {
-		InputTokens              any `json:"input_tokens"`
-		OutputTokens             any `json:"output_tokens"`
-		CacheReadInputTokens     any `json:"cache_read_input_tokens"`
-		CacheCreationInputTokens any `json:"cache_creation_input_tokens"`
-	}
-	d := json.NewDecoder(bytes.NewReader(raw))
-	d.UseNumber()
-	if len(raw) > maxTopValue || d.Decode(&u) != nil {
+	var u map[string]json.RawMessage // keys matched exactly, the last of each
+	if len(raw) > maxTopValue || json.Unmarshal(raw, &u) != nil {
 		r.ParseErrors++
 		return r, true
 	}
-	for t, v := range [numTokenTypes]any{u.InputTokens, u.OutputTokens, u.CacheReadInputTokens, u.CacheCreationInputTokens} {
-		if v == nil {
-			continue // null or absent
+	for t, key := range usageKeysByType {
+		v, ok := u[key]
+		if !ok || string(v) == "null" {
+			continue // absent or null
 		}
-		num, _ := v.(json.Number)
+		d := json.NewDecoder(bytes.NewReader(v))
+		d.UseNumber()
+		var x any
+		d.Decode(&x)
+		num, _ := x.(json.Number)
 		n, err := strconv.ParseInt(string(num), 10, 64)
 		if err != nil || n < 0 || strconv.FormatInt(n, 10) != string(num) {
 			r.ParseErrors++ // not a number, or not written as a plain integer
