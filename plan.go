@@ -521,18 +521,28 @@ func (p *plan) startUsage(res *http.Response) *usageReading {
 	if !stream && !strings.HasPrefix(ct, "application/json") {
 		return nil
 	}
-	u := new(usageReading)
-	u.scan.init(stream)
+	var gz bool
 	switch enc := res.Header.Get("Content-Encoding"); {
 	case enc == "" || strings.EqualFold(enc, "identity"):
 	case strings.EqualFold(enc, "gzip"):
-		u.gz = startGunzip(feed(u.scan.write))
+		gz = true
 	default:
 		p.skipped[skipEncoding].Add(1)
 		return nil
 	}
+	u := usageReadings.Get().(*usageReading)
+	u.scan.init(stream)
+	u.gz = nil
+	if gz {
+		u.gz = startGunzip(feed(u.scan.write))
+	}
 	return u
 }
+
+// usageReadings holds readings for reuse: each holds a few KiB of room for
+// the values it captures, which a busy proxy would otherwise allocate for
+// every Messages response.
+var usageReadings = sync.Pool{New: func() any { return new(usageReading) }}
 
 // write feeds the next bytes of the body, as received.
 func (u *usageReading) write(p []byte) {
@@ -545,7 +555,7 @@ func (u *usageReading) write(p []byte) {
 
 // end counts what was read, also of a body cut short: the API bills the
 // input of a stream the client left. It returns the model and counts for
-// the request's log line.
+// the request's log line, and u to the pool: u is not used after.
 func (u *usageReading) end(p *plan, org string) (model string, tokens [numTokenTypes]int64, known [numTokenTypes]bool) {
 	if u.gz != nil {
 		u.gz.close()
@@ -555,6 +565,8 @@ func (u *usageReading) end(p *plan, org string) (model string, tokens [numTokenT
 	if model != "" || slices.Contains(known[:], true) {
 		p.addTokens(org, model, tokens, known)
 	}
+	u.gz = nil
+	usageReadings.Put(u)
 	return model, tokens, known
 }
 

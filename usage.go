@@ -50,6 +50,20 @@ const (
 // every other line is skipped with bytes.IndexByte. A JSON body is read
 // with objectScanner, which keeps the top-level "model" and "usage" only.
 type usageScanner struct {
+	usageState
+
+	// Room for the values captured, so that the usual response allocates
+	// nothing more (a longer value grows its slice): a message_start line
+	// and its "message" are about 500 bytes, a usage object 300, a model
+	// name 30. Scratch space: init does not clear it.
+	capture  [1 << 10]byte
+	inner    [512]byte
+	dataBuf  [768]byte
+	modelBuf [128]byte
+}
+
+// usageState is what a usageScanner knows of the body fed so far.
+type usageState struct {
 	stream bool // the body is text/event-stream, else JSON
 
 	// What is known so far.
@@ -62,15 +76,6 @@ type usageScanner struct {
 	obj       objectScanner
 	modelErr  bool // the last top-level "model" is malformed
 	usageErrs int  // malformed values in the last top-level "usage"
-
-	// Room for the values captured, so that the usual response allocates
-	// nothing more (a longer value grows its slice): a message_start line
-	// and its "message" are about 500 bytes, a usage object 300, a model
-	// name 30.
-	capture  [1 << 10]byte
-	inner    [512]byte
-	dataBuf  [768]byte
-	modelBuf [128]byte
 
 	// A streamed body.
 	line    lineState
@@ -109,7 +114,7 @@ const (
 
 // init makes u ready for a body, streamed (SSE) or not (JSON).
 func (u *usageScanner) init(stream bool) {
-	*u = usageScanner{stream: stream}
+	u.usageState = usageState{stream: stream}
 	u.obj.buf = u.capture[:0]
 }
 
