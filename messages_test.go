@@ -398,3 +398,15 @@ func BenchmarkStreamRequested(b *testing.B) {
 		}
 	})
 }
+
+// TestSoughtKeysFit: every key list the scanners look for fits
+// objectScanner's key buffer; a longer key would never match.
+func TestSoughtKeysFit(t *testing.T) {
+	for _, keys := range [][]string{streamKey, usageKeys, usageKeysByType, dataKeys, messageKeys} {
+		for _, k := range keys {
+			if len(k) > maxSoughtKey {
+				t.Errorf("key %q is %d bytes, more than maxSoughtKey %d", k, len(k), maxSoughtKey)
+			}
+		}
+	}
+}

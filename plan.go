@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"compress/gzip"
+	"errors"
 	"io"
 	"math"
 	"net/http"
@@ -175,8 +176,9 @@ func validLabel(b []byte) bool {
 	return true
 }
 
-// The rate-limit headers, lower-cased; net/http hands them over in
-// canonical form ("Anthropic-Ratelimit-Unified-5h-Utilization").
+// The rate-limit headers' names, matched without regard to case: net/http
+// hands them over in canonical form
+// ("Anthropic-Ratelimit-Unified-5h-Utilization").
 const (
 	rateLimitPrefix = "anthropic-ratelimit-"
 	unifiedPrefix   = "unified-"
@@ -186,12 +188,15 @@ const (
 // rateLimitHeader is one anthropic-ratelimit-* header, parsed from its name.
 type rateLimitHeader struct {
 	value string
-	kind  int
+	kind  headerKind
 	name  []byte // the window or resource, lower-case
 }
 
+// headerKind is what a rate-limit header reports.
+type headerKind uint8
+
 const (
-	headerUtilization = iota
+	headerUtilization headerKind = iota
 	headerReset
 	headerStatus
 	headerClaim
@@ -204,14 +209,16 @@ const (
 // malformed value is counted in anthropic_usage_parse_errors_total and the
 // gauge keeps its previous value.
 func (p *plan) rateLimits(h http.Header) {
-	var found [24]rateLimitHeader // the API sends about a dozen
+	// The API sends about a dozen; past 24 (in the map's random order)
+	// the rest of a response's rate-limit headers are not read.
+	var found [24]rateLimitHeader
 	n := 0
 	var names [len(found)][64]byte
 	for k, vv := range h {
 		if len(vv) == 0 || len(k) <= len(rateLimitPrefix) || !strings.EqualFold(k[:len(rateLimitPrefix)], rateLimitPrefix) || n == len(found) {
 			continue
 		}
-		kind, name, ok := classify(k[len(rateLimitPrefix):])
+		kind, name, ok := rateLimitKind(k[len(rateLimitPrefix):])
 		if !ok {
 			continue
 		}
@@ -237,9 +244,9 @@ func (p *plan) rateLimits(h http.Header) {
 	p.parseErrors.Add(uint64(errs))
 }
 
-// classify splits the rest of a header name after "anthropic-ratelimit-"
+// rateLimitKind splits the rest of a header name after "anthropic-ratelimit-"
 // into its kind and the window or resource it names.
-func classify(rest string) (kind int, name string, ok bool) {
+func rateLimitKind(rest string) (kind headerKind, name string, ok bool) {
 	cut := func(suffix string) (string, bool) {
 		if len(rest) > len(suffix) && strings.EqualFold(rest[len(rest)-len(suffix):], suffix) {
 			return rest[:len(rest)-len(suffix)], true
@@ -321,30 +328,34 @@ func (p *plan) record(org string, f rateLimitHeader) bool {
 			l.remaining, l.hasRemaining = v, true
 		}
 		return ok
-	}
-	st := p.status[org]
-	if st == nil {
-		st = &orgStatus{status: -1}
-		p.status[org] = st
-		p.statusKeys = insertSorted(p.statusKeys, org, strings.Compare)
-	}
-	if f.kind == headerStatus {
-		i := slices.Index(unifiedStatuses[:], f.value)
-		if i < 0 {
+	case headerStatus, headerClaim:
+		st := p.status[org]
+		if st == nil {
+			st = &orgStatus{status: -1}
+			p.status[org] = st
+			p.statusKeys = insertSorted(p.statusKeys, org, strings.Compare)
+		}
+		if f.kind == headerStatus {
+			// A status SPEC does not list is malformed, and the last
+			// known one stays current.
+			i := slices.Index(unifiedStatuses[:], f.value)
+			if i < 0 {
+				return false
+			}
+			st.status, st.statusSeen[i] = i, true
+			return true
+		}
+		if f.value == "" {
 			return false
 		}
-		st.status, st.statusSeen[i] = i, true
+		claim := p.claims.label(f.value)
+		st.claim = claim
+		if _, seen := slices.BinarySearch(st.claimsSeen, claim); !seen {
+			st.claimsSeen = insertSorted(st.claimsSeen, claim, strings.Compare)
+		}
 		return true
 	}
-	if f.value == "" {
-		return false
-	}
-	claim := p.claims.label(f.value)
-	st.claim = claim
-	if _, seen := slices.BinarySearch(st.claimsSeen, claim); !seen {
-		st.claimsSeen = insertSorted(st.claimsSeen, claim, strings.Compare)
-	}
-	return true
+	return false
 }
 
 // parseFraction parses a utilization: a finite decimal number ≥ 0 (above 1
@@ -374,7 +385,10 @@ func parseCount(s string) (int64, bool) {
 func (p *plan) addTokens(org, model string, tokens [numTokenTypes]int64, known [numTokenTypes]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	key := tokenKey{p.orgs.label(org), p.models.label(model)}
+	key := tokenKey{p.orgs.label(org), otherLabel}
+	if model != "" { // only an organization may be empty
+		key.model = p.models.label(model)
+	}
 	counts := p.tokens[key]
 	if counts == nil {
 		counts = new([numTokenTypes]uint64)
@@ -504,8 +518,10 @@ func oneIf(c bool) float64 {
 // decompressing copy for a gzip body. It never changes, holds or delays
 // those bytes beyond the scan itself.
 type usageReading struct {
-	scan usageScanner
-	gz   *gunzip // nil for an identity body
+	scan    usageScanner
+	gz      *gunzip      // nil for an identity body
+	zr      *gzip.Reader // kept for the next gzip body
+	copyBuf []byte
 }
 
 // startUsage returns the reading of res's tokens, or nil when there are
@@ -534,7 +550,7 @@ func (p *plan) startUsage(res *http.Response) *usageReading {
 	u.scan.init(stream)
 	u.gz = nil
 	if gz {
-		u.gz = startGunzip(feed(u.scan.write))
+		u.gz = u.startGunzip()
 	}
 	return u
 }
@@ -571,23 +587,41 @@ func (u *usageReading) end(p *plan, org string) (model string, tokens [numTokenT
 }
 
 // gunzip decompresses a gzip body into w on a goroutine of its own, fed
-// through a pipe: write returns once the bytes are decompressed and
-// scanned. A body that is not valid gzip stops the reading, never the
-// response.
+// through a pipe: write returns once the decompressor has taken the bytes,
+// and close once all of them are scanned. A body that is not valid gzip,
+// or a scanner that panics, stops the reading, never the response. The
+// decompressor (its 32 KiB window) and the copy buffer are u's, pooled
+// with it.
 type gunzip struct {
 	pw     *io.PipeWriter
 	done   chan struct{}
 	failed bool
 }
 
-func startGunzip(w io.Writer) *gunzip {
+// errScanPanic ends the reading of a gzip body whose scan panicked.
+var errScanPanic = errors.New("usage scan panicked")
+
+func (u *usageReading) startGunzip() *gunzip {
 	pr, pw := io.Pipe()
 	g := &gunzip{pw: pw, done: make(chan struct{})}
+	if u.copyBuf == nil {
+		u.copyBuf = make([]byte, 4<<10)
+	}
 	go func() {
 		defer close(g.done)
-		zr, err := gzip.NewReader(pr)
+		defer func() {
+			if recover() != nil {
+				pr.CloseWithError(errScanPanic)
+			}
+		}()
+		var err error
+		if u.zr == nil {
+			u.zr, err = gzip.NewReader(pr)
+		} else {
+			err = u.zr.Reset(pr)
+		}
 		if err == nil {
-			_, err = io.CopyBuffer(w, zr, make([]byte, 4<<10))
+			_, err = io.CopyBuffer(feed(u.scan.write), u.zr, u.copyBuf)
 		}
 		// Writes after a failure return at once instead of blocking.
 		pr.CloseWithError(cmp.Or(err, io.EOF))

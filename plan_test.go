@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"compress/gzip"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -385,4 +387,90 @@ func TestPlanCostsNoAllocation(t *testing.T) {
 	if n := testing.AllocsPerRun(100, func() { m.plan.rateLimits(plain) }); n != 0 {
 		t.Errorf("no rate-limit headers: %v allocations per response; want 0", n)
 	}
+}
+
+// gunzipReadings counts the goroutines decompressing a gzip body for its
+// usage.
+func gunzipReadings() int {
+	buf := make([]byte, 1<<20)
+	return strings.Count(string(buf[:runtime.Stack(buf, true)]), "startGunzip.func")
+}
+
+// TestGzipReadingEndsWithItsResponse: a gzip stream's reading ends with the
+// response however it ends — read to the end, its client gone mid-stream,
+// the upstream reset, or the stream idle past timeout_secs — and counts
+// the tokens known by then: message_start's input is billed even when the
+// client leaves.
+func TestGzipReadingEndsWithItsResponse(t *testing.T) {
+	for _, end := range []string{"complete", "client gone", "upstream reset", "idle"} {
+		t.Run(end, func(t *testing.T) {
+			up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				io.ReadAll(r.Body)
+				w.Header().Set("Content-Type", "text/event-stream")
+				w.Header().Set("Content-Encoding", "gzip")
+				w.Header().Set("Anthropic-Organization-Id", "org1")
+				zw := gzip.NewWriter(w)
+				send := func(ev string) error {
+					zw.Write([]byte(ev))
+					zw.Flush()
+					return http.NewResponseController(w).Flush()
+				}
+				send(sseEvents[0])
+				switch end {
+				case "complete":
+					for _, ev := range sseEvents[1:] {
+						send(ev)
+					}
+					zw.Close()
+				case "client gone":
+					for send(sseEvents[3]) == nil && r.Context().Err() == nil {
+						time.Sleep(5 * time.Millisecond) // the upstream's own pace
+					}
+				case "upstream reset":
+					c, _, _ := http.NewResponseController(w).Hijack()
+					c.(*net.TCPConn).SetLinger(0)
+					c.Close()
+				case "idle":
+					<-r.Context().Done()
+				}
+			}))
+			defer up.Close()
+			cfg := testConfig(t, up.URL)
+			cfg.Timeout = 300 * time.Millisecond
+			p := startProxy(t, cfg, testTuning)
+			res, err := testClient(t).Post(p.url+"/v1/messages", "application/json", strings.NewReader(`{"stream":true}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if end == "client gone" {
+				res.Body.Read(make([]byte, 64))
+			} else {
+				io.ReadAll(res.Body)
+			}
+			res.Body.Close()
+			p.logs.waitRequests(t, 1)
+			if !eventually(10*time.Millisecond, func() bool { return gunzipReadings() == 0 }) {
+				t.Fatalf("%d gzip readings still running after the response ended", gunzipReadings())
+			}
+			checkMetrics(t, p, map[string]string{
+				`anthropic_tokens_total{organization="org1",model="claude-sonnet-4-5-20250929",type="input"}`: "25",
+			})
+		})
+	}
+}
+
+// TestMessageWithoutModel: a response that names no model is counted under
+// model "other": only an organization may be empty.
+func TestMessageWithoutModel(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"type":"message","usage":{"input_tokens":5,"output_tokens":7}}`)
+	}))
+	defer up.Close()
+	p := startProxy(t, testConfig(t, up.URL), testTuning)
+	post(t, p, "/v1/messages", `{}`)
+	checkMetrics(t, p, map[string]string{
+		`anthropic_tokens_total{organization="",model="other",type="input"}`:  "5",
+		`anthropic_tokens_total{organization="",model="other",type="output"}`: "7",
+	})
 }

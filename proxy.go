@@ -737,7 +737,9 @@ var errIdleTimeout = errors.New("upstream stream idle timeout")
 // (SPEC: phase 3). The timer runs only while Read waits for the upstream,
 // and restarts with every Read: a stream that keeps sending may last for
 // hours, and a client that is slow to take the bytes (the write blocks)
-// never makes the upstream look idle.
+// never makes the upstream look idle. For a Messages response, Read also
+// feeds every byte to the usage reading (plan.go), and Close ends it,
+// counts its tokens and returns it to its pool.
 type responseBody struct {
 	rc      io.ReadCloser
 	x       *exchange
