@@ -579,12 +579,18 @@ func (t *retryTransport) attempt(x *exchange, req *http.Request, n int) (*http.R
 		out.Body = body
 	}
 	res, err := t.next.RoundTrip(out)
-	hw.stop()
-	if err != nil {
-		if context.Cause(ctx) == errHeaderTimeout {
-			err = errHeaderTimeout
+	hw.stop() // from here on, the timer cannot fire
+	if context.Cause(ctx) == errHeaderTimeout {
+		// The timer fired first. A response that still got through
+		// belongs to a cancelled attempt (an upstream that answered
+		// because its connection was closed): its body is cut already.
+		if err == nil {
+			res.Body.Close()
 		}
-		cancel(nil) // keeps a cause set before
+		return nil, errHeaderTimeout
+	}
+	if err != nil {
+		cancel(nil)
 	}
 	return res, err
 }
