@@ -194,28 +194,34 @@ func BenchmarkProxySSE100(b *testing.B) {
 	c := benchClient(b)
 	stream := func() int64 {
 		res, err := c.Get(url)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer res.Body.Close()
-		sc := bufio.NewScanner(res.Body)
-		var n, size int64
-		for sc.Scan() {
-			size += int64(len(sc.Bytes())) + 1
-			if bytes.HasPrefix(sc.Bytes(), []byte("data: ")) {
-				n++
-			}
-		}
-		if err := sc.Err(); err != nil || n != events {
-			b.Fatalf("GET %s: %d events, %v; want %d", url, n, err, events)
-		}
-		return size
+		return readEvents(b, "GET "+url, res, err, events)
 	}
 	b.SetBytes(stream())
 	b.ReportAllocs()
 	for b.Loop() {
 		stream()
 	}
+}
+
+// readEvents reads a streamed response to its end and returns its size; it
+// fails the benchmark unless the response came with want events.
+func readEvents(b *testing.B, what string, res *http.Response, err error, want int64) int64 {
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer res.Body.Close()
+	sc := bufio.NewScanner(res.Body)
+	var n, size int64
+	for sc.Scan() {
+		size += int64(len(sc.Bytes())) + 1
+		if bytes.HasPrefix(sc.Bytes(), []byte("data: ")) {
+			n++
+		}
+	}
+	if err := sc.Err(); err != nil || n != want {
+		b.Fatalf("%s: %d events, %v; want %d", what, n, err, want)
+	}
+	return size
 }
 
 // BenchmarkProxyMessagesSSE100 is one streamed Messages call: a POST
@@ -229,22 +235,7 @@ func BenchmarkProxyMessagesSSE100(b *testing.B) {
 	c := benchClient(b)
 	stream := func() int64 {
 		res, err := c.Post(url, "application/json", bytes.NewReader(benchStreamBody))
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer res.Body.Close()
-		sc := bufio.NewScanner(res.Body)
-		var n, size int64
-		for sc.Scan() {
-			size += int64(len(sc.Bytes())) + 1
-			if bytes.HasPrefix(sc.Bytes(), []byte("data: ")) {
-				n++
-			}
-		}
-		if err := sc.Err(); err != nil || n != events+3 {
-			b.Fatalf("POST %s: %d events, %v; want %d", url, n, err, events+3)
-		}
-		return size
+		return readEvents(b, "POST "+url, res, err, events+3)
 	}
 	b.SetBytes(stream())
 	b.ReportAllocs()

@@ -30,17 +30,17 @@ type plan struct {
 	resources labelSet
 	models    labelSet
 	claims    labelSet
-	unified   map[orgLabel]*windowState // by organization and window
-	limits    map[orgLabel]*limitState  // by organization and resource
-	status    map[string]*orgStatus     // by organization
-	tokens    map[tokenKey]*[numTokenTypes]uint64
+	unified   map[orgLabel]*windowState           // by organization and window
+	limits    map[orgLabel]*limitState            // by organization and resource
+	status    map[string]*orgStatus               // by organization
+	tokens    map[orgLabel]*[numTokenTypes]uint64 // by organization and model
 
 	// The keys of the maps above in exposition order, kept sorted as keys
 	// are added (rarely), so that a scrape allocates nothing.
 	unifiedKeys []orgLabel
 	limitKeys   []orgLabel
 	statusKeys  []string
-	tokenKeys   []tokenKey
+	tokenKeys   []orgLabel
 
 	parseErrors atomic.Uint64
 	skipped     [numSkipReasons]atomic.Uint64
@@ -67,22 +67,24 @@ const (
 var skipReasonLabels = [numSkipReasons]string{"encoding"}
 
 // tokenTypeOrder is the token types in label order.
-var tokenTypeOrder = [numTokenTypes]tokenType{tokenCacheCreation, tokenCacheRead, tokenInput, tokenOutput}
+var tokenTypeOrder = func() (order [numTokenTypes]tokenType) {
+	for t := range order {
+		order[t] = tokenType(t)
+	}
+	slices.SortFunc(order[:], func(a, b tokenType) int { return strings.Compare(tokenTypeLabels[a], tokenTypeLabels[b]) })
+	return order
+}()
 
 // unifiedStatuses are the values of anthropic-ratelimit-unified-status, in
 // exposition order.
 var unifiedStatuses = [...]string{"allowed", "allowed_warning", "rejected"}
 
+// orgLabel keys a series by organization and one more label: a window,
+// a resource, a model.
 type orgLabel struct{ org, name string }
-
-type tokenKey struct{ org, model string }
 
 func (a orgLabel) compare(b orgLabel) int {
 	return cmp.Or(strings.Compare(a.org, b.org), strings.Compare(a.name, b.name))
-}
-
-func (a tokenKey) compare(b tokenKey) int {
-	return cmp.Or(strings.Compare(a.org, b.org), strings.Compare(a.model, b.model))
 }
 
 // insertSorted adds k to the sorted keys.
@@ -120,7 +122,7 @@ func newPlan() *plan {
 		unified:   make(map[orgLabel]*windowState),
 		limits:    make(map[orgLabel]*limitState),
 		status:    make(map[string]*orgStatus),
-		tokens:    make(map[tokenKey]*[numTokenTypes]uint64),
+		tokens:    make(map[orgLabel]*[numTokenTypes]uint64),
 	}
 }
 
@@ -308,7 +310,7 @@ func (p *plan) record(org string, f rateLimitHeader) bool {
 			}
 			return ok
 		}
-		v, ok := parseCount(f.value)
+		v, ok := parseDigits(f.value)
 		if ok {
 			w.reset, w.hasReset = v, true
 		}
@@ -321,7 +323,7 @@ func (p *plan) record(org string, f rateLimitHeader) bool {
 			p.limits[key] = l
 			p.limitKeys = insertSorted(p.limitKeys, key, orgLabel.compare)
 		}
-		v, ok := parseCount(f.value)
+		v, ok := parseDigits(f.value)
 		if ok && f.kind == headerLimit {
 			l.limit, l.hasLimit = v, true
 		} else if ok {
@@ -371,29 +373,19 @@ func parseFraction(s string) (float64, bool) {
 	return v, true
 }
 
-// parseCount parses a reset time, a limit or a count: a non-negative
-// decimal integer.
-func parseCount(s string) (int64, bool) {
-	if s == "" || strings.TrimLeft(s, "0123456789") != "" {
-		return 0, false
-	}
-	v, err := strconv.ParseInt(s, 10, 64)
-	return v, err == nil
-}
-
 // addTokens counts a Messages response's tokens, those of the types known.
 func (p *plan) addTokens(org, model string, tokens [numTokenTypes]int64, known [numTokenTypes]bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	key := tokenKey{p.orgs.label(org), otherLabel}
+	key := orgLabel{p.orgs.label(org), otherLabel}
 	if model != "" { // only an organization may be empty
-		key.model = p.models.label(model)
+		key.name = p.models.label(model)
 	}
 	counts := p.tokens[key]
 	if counts == nil {
 		counts = new([numTokenTypes]uint64)
 		p.tokens[key] = counts
-		p.tokenKeys = insertSorted(p.tokenKeys, key, tokenKey.compare)
+		p.tokenKeys = insertSorted(p.tokenKeys, key, orgLabel.compare)
 	}
 	for t, ok := range known {
 		if ok {
@@ -429,18 +421,14 @@ const (
 func (p *plan) writePrometheus(b *bytes.Buffer) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	writeFamilyHeader(b, limitName, limitHelp, "gauge")
-	for _, k := range p.limitKeys {
-		if l := p.limits[k]; l.hasLimit {
-			writePlanSample(b, limitName, "resource", k, float64(l.limit))
-		}
-	}
-	writeFamilyHeader(b, remainingName, remainingHelp, "gauge")
-	for _, k := range p.limitKeys {
-		if l := p.limits[k]; l.hasRemaining {
-			writePlanSample(b, remainingName, "resource", k, float64(l.remaining))
-		}
-	}
+	writeOrgGauges(b, limitName, limitHelp, "resource", p.limitKeys, func(k orgLabel) (float64, bool) {
+		l := p.limits[k]
+		return float64(l.limit), l.hasLimit
+	})
+	writeOrgGauges(b, remainingName, remainingHelp, "resource", p.limitKeys, func(k orgLabel) (float64, bool) {
+		l := p.limits[k]
+		return float64(l.remaining), l.hasRemaining
+	})
 	writeFamilyHeader(b, claimName, claimHelp, "gauge")
 	for _, org := range p.statusKeys {
 		st := p.status[org]
@@ -448,12 +436,10 @@ func (p *plan) writePrometheus(b *bytes.Buffer) {
 			writePlanSample(b, claimName, "claim", orgLabel{org, c}, oneIf(c == st.claim))
 		}
 	}
-	writeFamilyHeader(b, resetName, resetHelp, "gauge")
-	for _, k := range p.unifiedKeys {
-		if w := p.unified[k]; w.hasReset {
-			writePlanSample(b, resetName, "window", k, float64(w.reset))
-		}
-	}
+	writeOrgGauges(b, resetName, resetHelp, "window", p.unifiedKeys, func(k orgLabel) (float64, bool) {
+		w := p.unified[k]
+		return float64(w.reset), w.hasReset
+	})
 	writeFamilyHeader(b, statusName, statusHelp, "gauge")
 	for _, org := range p.statusKeys {
 		st := p.status[org]
@@ -463,12 +449,10 @@ func (p *plan) writePrometheus(b *bytes.Buffer) {
 			}
 		}
 	}
-	writeFamilyHeader(b, utilizationName, utilizationHelp, "gauge")
-	for _, k := range p.unifiedKeys {
-		if w := p.unified[k]; w.hasUtil {
-			writePlanSample(b, utilizationName, "window", k, w.utilization)
-		}
-	}
+	writeOrgGauges(b, utilizationName, utilizationHelp, "window", p.unifiedKeys, func(k orgLabel) (float64, bool) {
+		w := p.unified[k]
+		return w.utilization, w.hasUtil
+	})
 
 	writeFamilyHeader(b, tokensName, tokensHelp, "counter")
 	for _, k := range p.tokenKeys {
@@ -476,7 +460,7 @@ func (p *plan) writePrometheus(b *bytes.Buffer) {
 		for _, t := range tokenTypeOrder {
 			b.WriteString(tokensName)
 			writeLabel(b, '{', "organization", k.org)
-			writeLabel(b, ',', "model", k.model)
+			writeLabel(b, ',', "model", k.name)
 			writeLabel(b, ',', "type", tokenTypeLabels[t])
 			b.WriteString("} ")
 			writeUint(b, counts[t])
@@ -488,6 +472,18 @@ func (p *plan) writePrometheus(b *bytes.Buffer) {
 	writeFamilyHeader(b, skippedName, skippedHelp, "counter")
 	for r := range p.skipped {
 		writeSample(b, skippedName, "reason", skipReasonLabels[r], int64(p.skipped[r].Load()))
+	}
+}
+
+// writeOrgGauges appends a gauge family whose series are keyed by
+// organization and a name (label), in the order of keys, each with the
+// value value gives, if it gives one.
+func writeOrgGauges(b *bytes.Buffer, name, help, label string, keys []orgLabel, value func(orgLabel) (float64, bool)) {
+	writeFamilyHeader(b, name, help, "gauge")
+	for _, k := range keys {
+		if v, ok := value(k); ok {
+			writePlanSample(b, name, label, k, v)
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"os"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -21,11 +22,18 @@ type processMetrics struct {
 func newProcessMetrics() processMetrics {
 	pm := processMetrics{start: time.Now(), rss: func() (int64, bool) { return 0, false }}
 	pm.memLimit = func() int64 { return debug.SetMemoryLimit(-1) }
-	if statm, err := os.Open("/proc/self/statm"); err == nil { // none on darwin
+	if statm := procStatm(); statm != nil {
 		pm.rss = func() (int64, bool) { return residentBytes(statm) }
 	}
 	return pm
 }
+
+// procStatm is /proc/self/statm, opened once for the process however many
+// metrics read it (tests make many); nil where there is none (darwin).
+var procStatm = sync.OnceValue(func() *os.File {
+	f, _ := os.Open("/proc/self/statm")
+	return f
+})
 
 const (
 	memLimitName = "go_gc_gomemlimit_bytes"

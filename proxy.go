@@ -722,12 +722,11 @@ func (s *server) modifyResponse(res *http.Response) error {
 	x := exchangeFrom(res.Request.Context())
 	x.upstreamID = res.Header.Get("Request-Id")
 	s.bodyDone(x, res)
-	plan := s.metrics.plan
-	plan.rateLimits(res.Header)
+	s.metrics.plan.rateLimits(res.Header)
 	if res.Body != nil && res.Body != http.NoBody {
 		x.response = responseBody{rc: res.Body, x: x, metrics: s.metrics, timeout: s.cfg.Timeout}
 		if x.messages {
-			x.response.usage = plan.startUsage(res)
+			x.response.usage = s.metrics.plan.startUsage(res)
 			x.response.org = res.Header.Get(organizationKey)
 		}
 		res.Body = &x.response

@@ -472,14 +472,22 @@ func tokenCount(v []byte) (n int64, known, bad bool) {
 	if len(v) == 0 || string(v) == "null" {
 		return 0, false, false
 	}
-	for _, c := range v {
-		d := int64(c - '0')
-		if c < '0' || c > '9' || n > (math.MaxInt64-d)/10 {
-			return 0, false, true
+	n, ok := parseDigits(v)
+	return n, ok, !ok
+}
+
+// parseDigits reads a non-negative decimal integer within int64: digits
+// only, at least one.
+func parseDigits[T string | []byte](v T) (int64, bool) {
+	var n int64
+	for i := 0; i < len(v); i++ {
+		d := int64(v[i] - '0')
+		if v[i] < '0' || v[i] > '9' || n > (math.MaxInt64-d)/10 {
+			return 0, false
 		}
 		n = n*10 + d
 	}
-	return n, true, false
+	return n, len(v) > 0
 }
 
 // modelBytes reads a model name: a JSON string (null is not one) of at
